@@ -1,0 +1,1396 @@
+//! Configuration: the TOML file users write, the command-line flags that override it, and the
+//! validated [`Config`] the gateway runs with.
+//!
+//! Two layers, kept apart on purpose:
+//!
+//! * `FileConfig` mirrors the file format: plain strings and integers, every key optional
+//!   (`#[serde(default)]`), unknown keys rejected (`#[serde(deny_unknown_fields)]`). It never
+//!   leaves this module.
+//! * [`Config`] is what the rest of the crate sees: socket addresses, durations, status codes and
+//!   methods, all already checked.
+//!
+//! The invariant: a [`Config`] value only exists if every setting passed [`validate`], so the
+//! proxy never re-checks a setting. When something is wrong the [`ConfigError`] names where it
+//! came from (the file and the dotted key, or the flag), the offending value and what is allowed.
+//!
+//! Precedence: command-line flags (`--listen`, `--upstream`) replace the file's value, which
+//! replaces the built-in `DEFAULT_*`.
+//!
+//! [`validate`]: FileConfig::validate
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde::de::IntoDeserializer;
+use serde::{Deserialize, Deserializer};
+
+// ---------------------------------------------------------------------------------------------
+// Defaults and limits
+// ---------------------------------------------------------------------------------------------
+
+/// `server.listen`
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// `server.threads`
+pub const DEFAULT_THREADS: usize = 2;
+/// `server.grace_period_seconds`: short, unlike pingora's 300 s, so a restart doesn't hang.
+pub const DEFAULT_GRACE_PERIOD_SECONDS: u64 = 5;
+/// `upstream.connect_timeout_ms`
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// `upstream.read_timeout_ms`
+pub const DEFAULT_READ_TIMEOUT_MS: u64 = 30_000;
+/// `policy.conflict_status`: 409 like RavenDB; 412 is what RFC 9110 prescribes.
+pub const DEFAULT_CONFLICT_STATUS: StatusCode = StatusCode::CONFLICT;
+/// `policy.require_if_match`
+pub const DEFAULT_REQUIRE_IF_MATCH: bool = false;
+/// `policy.guarded_methods`
+pub const DEFAULT_GUARDED_METHODS: &[&str] = &["PUT", "PATCH", "DELETE"];
+/// `store.kind`
+pub const DEFAULT_STORE_KIND: StoreKind = StoreKind::Memory;
+/// `store.capacity`
+pub const DEFAULT_STORE_CAPACITY: usize = 1_000_000;
+
+/// Upper bound of `server.threads`.
+pub const MAX_THREADS: usize = 1024;
+/// Upper bound of `server.grace_period_seconds` (one hour).
+pub const MAX_GRACE_PERIOD_SECONDS: u64 = 3_600;
+/// Upper bound of `upstream.connect_timeout_ms` and `upstream.read_timeout_ms` (one hour).
+pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
+/// Upper bound of `store.capacity`.
+pub const MAX_STORE_CAPACITY: usize = 1_000_000_000;
+
+/// Port of an upstream URL that doesn't give one.
+const DEFAULT_HTTP_PORT: u16 = 80;
+/// Shown in errors about upstream URLs.
+const UPSTREAM_EXAMPLE: &str = "http://127.0.0.1:3000";
+/// Where the settings come from when no `--config` is given.
+const NO_FILE: &str = "(built-in defaults)";
+
+// ---------------------------------------------------------------------------------------------
+// The validated configuration
+// ---------------------------------------------------------------------------------------------
+
+/// The validated configuration the gateway runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub policy: PolicyConfig,
+    pub store: StoreConfig,
+}
+
+/// `[server]`: where the gateway listens and how it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Never empty.
+    pub listen: Vec<SocketAddr>,
+    /// `1..=MAX_THREADS`
+    pub threads: usize,
+    /// How long in-flight requests may finish after SIGTERM.
+    pub grace_period_seconds: u64,
+}
+
+/// `[upstream]`: the REST backend the gateway forwards to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// Never empty; several servers are used round robin.
+    pub servers: Vec<Upstream>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+/// One upstream server, reached over plain HTTP/1.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Upstream {
+    /// A DNS name or an IP address; an IPv6 address is kept without its brackets.
+    pub host: String,
+    pub port: u16,
+}
+
+/// `[policy]`: how the optimistic-concurrency rules are enforced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// Status of a write whose If-Match doesn't match: 409 or 412.
+    pub conflict_status: StatusCode,
+    /// Reject a guarded write that carries no If-Match (with 428).
+    pub require_if_match: bool,
+    /// Never empty, no duplicates, no read-only method.
+    pub guarded_methods: Vec<Method>,
+}
+
+/// Which store keeps the etag table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoreKind {
+    /// An in-process LRU table: lost on restart, not shared between gateways.
+    Memory,
+}
+
+/// `[store]`: where the etags are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// Entries kept before the least recently used one is evicted.
+    pub capacity: NonZeroUsize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: vec![DEFAULT_LISTEN
+                .parse()
+                .expect("DEFAULT_LISTEN is a socket address")],
+            threads: DEFAULT_THREADS,
+            grace_period_seconds: DEFAULT_GRACE_PERIOD_SECONDS,
+        }
+    }
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            conflict_status: DEFAULT_CONFLICT_STATUS,
+            require_if_match: DEFAULT_REQUIRE_IF_MATCH,
+            guarded_methods: DEFAULT_GUARDED_METHODS
+                .iter()
+                .map(|m| Method::from_bytes(m.as_bytes()).expect("default methods are valid"))
+                .collect(),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: DEFAULT_STORE_KIND,
+            capacity: NonZeroUsize::new(DEFAULT_STORE_CAPACITY).expect("capacity is not zero"),
+        }
+    }
+}
+
+impl Upstream {
+    /// `host:port`, as a connector wants it (`[::1]:3000` for an IPv6 address).
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}", self.address())
+    }
+}
+
+impl StoreKind {
+    /// The name used in the file (`store.kind`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Memory => "memory",
+        }
+    }
+
+    /// Parses `store.kind`; the error is the reason shown to the user.
+    fn parse(name: &str) -> Result<StoreKind, String> {
+        match name {
+            "memory" => Ok(StoreKind::Memory),
+            "redis" => Err("not available yet, use \"memory\"".to_owned()),
+            _ => Err("allowed: \"memory\"".to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------------------------
+
+/// Optimistic concurrency (If-Match / ETag) in front of a plain REST backend.
+///
+/// Command-line flags win over the configuration file.
+#[derive(Debug, Clone, Default, clap::Parser)]
+#[command(name = "etag-gateway", version)]
+pub struct Cli {
+    /// TOML configuration file (example: conf/gateway.toml); without it the built-in defaults apply
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Upstream server, http://host[:port]; repeat for round robin; replaces [upstream] url
+    #[arg(long = "upstream", value_name = "URL")]
+    pub upstream: Vec<String>,
+
+    /// Address to listen on, IP:port; repeat to listen on several; replaces [server] listen
+    #[arg(long = "listen", value_name = "ADDR")]
+    pub listen: Vec<String>,
+
+    /// Validate the configuration, print a summary and exit
+    #[arg(long)]
+    pub check: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// Why a configuration was refused. The message names the file or flag, the key and what is
+/// allowed, so the user can fix it without reading the source.
+#[derive(thiserror::Error, Debug)]
+pub enum ConfigError {
+    /// The `--config` file couldn't be read.
+    #[error("{}: cannot read the configuration file: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Not TOML, an unknown key, or a value of the wrong type. `key` is the dotted key the
+    /// error points at, when it could be found.
+    #[error("{origin}: {}{}", KeyPrefix(.key.as_deref()), .source.to_string().trim_end())]
+    Parse {
+        origin: String,
+        key: Option<String>,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+
+    /// A value in the file that parsed but isn't allowed.
+    #[error("{origin}: {key} = {value} is not allowed ({reason})")]
+    InvalidValue {
+        origin: String,
+        /// Dotted key, e.g. `policy.conflict_status`.
+        key: &'static str,
+        /// The value as written in TOML, e.g. `410` or `"ftp://x"`.
+        value: String,
+        /// What is allowed instead, e.g. `allowed: 409, 412`.
+        reason: String,
+    },
+
+    /// A command-line value that isn't allowed.
+    #[error("{flag}: {value} is not allowed ({reason})")]
+    InvalidFlag {
+        /// e.g. `--upstream`.
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+
+    /// Neither the file nor the command line names an upstream.
+    #[error("no upstream: give --upstream URL or [upstream] url in the config file{}", InFile(.origin.as_deref()))]
+    NoUpstream { origin: Option<String> },
+}
+
+/// Formats `in `key`: ` before a TOML error, or nothing.
+struct KeyPrefix<'a>(Option<&'a str>);
+
+impl fmt::Display for KeyPrefix<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(key) => write!(f, "in `{key}`: "),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Formats ` (FILE has none)`, or nothing.
+struct InFile<'a>(Option<&'a str>);
+
+impl fmt::Display for InFile<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(file) => write!(f, " ({file} has none)"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where a value came from, to build the error that names it.
+#[derive(Clone, Copy)]
+enum Setting<'a> {
+    Key { origin: &'a str, key: &'static str },
+    Flag(&'static str),
+}
+
+impl Setting<'_> {
+    fn reject(self, value: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        let (value, reason) = (value.into(), reason.into());
+        match self {
+            Setting::Key { origin, key } => ConfigError::InvalidValue {
+                origin: origin.to_owned(),
+                key,
+                value,
+                reason,
+            },
+            Setting::Flag(flag) => ConfigError::InvalidFlag {
+                flag,
+                value,
+                reason,
+            },
+        }
+    }
+}
+
+/// A string as TOML would write it (close enough: TOML basic strings escape like Rust).
+fn quoted(s: &str) -> String {
+    format!("{s:?}")
+}
+
+/// A list of strings as TOML would write it.
+fn quoted_list(items: &[&str]) -> String {
+    let items: Vec<String> = items.iter().map(|s| quoted(s)).collect();
+    format!("[{}]", items.join(", "))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file format
+// ---------------------------------------------------------------------------------------------
+
+/// `"a"` or `["a", "b"]`.
+///
+/// Deserialized by hand rather than with `#[serde(untagged)]`, whose error for a wrong type
+/// ("data did not match any variant") doesn't say what was found.
+#[derive(Debug, Clone, PartialEq)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<T>(PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+            type Value = OneOrMany<T>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                T::deserialize(v.into_deserializer()).map(OneOrMany::One)
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut many = Vec::new();
+                while let Some(one) = seq.next_element()? {
+                    many.push(one);
+                }
+                Ok(OneOrMany::Many(many))
+            }
+        }
+
+        deserializer.deserialize_any(Visitor(PhantomData))
+    }
+}
+
+impl<T> OneOrMany<T> {
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(one) => vec![one],
+            OneOrMany::Many(many) => many,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileConfig {
+    server: FileServer,
+    upstream: FileUpstream,
+    policy: FilePolicy,
+    store: FileStore,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileServer {
+    listen: OneOrMany<String>,
+    #[serde(deserialize_with = "integer")]
+    threads: i64,
+    #[serde(deserialize_with = "integer")]
+    grace_period_seconds: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileUpstream {
+    /// No default: the gateway can't guess where the backend is.
+    url: Option<OneOrMany<String>>,
+    #[serde(deserialize_with = "integer")]
+    connect_timeout_ms: i64,
+    #[serde(deserialize_with = "integer")]
+    read_timeout_ms: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FilePolicy {
+    #[serde(deserialize_with = "integer")]
+    conflict_status: i64,
+    require_if_match: bool,
+    guarded_methods: OneOrMany<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileStore {
+    kind: String,
+    #[serde(deserialize_with = "integer")]
+    capacity: i64,
+}
+
+impl Default for FileServer {
+    fn default() -> Self {
+        FileServer {
+            listen: OneOrMany::One(DEFAULT_LISTEN.to_owned()),
+            threads: DEFAULT_THREADS as i64,
+            grace_period_seconds: DEFAULT_GRACE_PERIOD_SECONDS as i64,
+        }
+    }
+}
+
+impl Default for FileUpstream {
+    fn default() -> Self {
+        FileUpstream {
+            url: None,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS as i64,
+            read_timeout_ms: DEFAULT_READ_TIMEOUT_MS as i64,
+        }
+    }
+}
+
+impl Default for FilePolicy {
+    fn default() -> Self {
+        FilePolicy {
+            conflict_status: i64::from(DEFAULT_CONFLICT_STATUS.as_u16()),
+            require_if_match: DEFAULT_REQUIRE_IF_MATCH,
+            guarded_methods: OneOrMany::Many(
+                DEFAULT_GUARDED_METHODS
+                    .iter()
+                    .map(|m| (*m).to_owned())
+                    .collect(),
+            ),
+        }
+    }
+}
+
+impl Default for FileStore {
+    fn default() -> Self {
+        FileStore {
+            kind: DEFAULT_STORE_KIND.as_str().to_owned(),
+            capacity: DEFAULT_STORE_CAPACITY as i64,
+        }
+    }
+}
+
+/// Integers are read as i64 (what TOML has) and range-checked in `validate`, so a negative or
+/// huge number gets the same "allowed: ..." message as any other bad value. The visitor only
+/// exists to say "expected an integer" rather than serde's "expected i64".
+fn integer<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    struct Integer;
+
+    impl serde::de::Visitor<'_> for Integer {
+        type Value = i64;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an integer")
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+    }
+
+    deserializer.deserialize_i64(Integer)
+}
+
+/// Command-line values that replace the file's.
+#[derive(Default)]
+struct Overrides<'a> {
+    listen: &'a [String],
+    upstream: &'a [String],
+}
+
+impl FileConfig {
+    fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|source: toml::de::Error| ConfigError::Parse {
+            origin: origin.to_owned(),
+            key: source.span().and_then(|span| key_at(text, span.start)),
+            source: Box::new(source),
+        })
+    }
+
+    /// Checks every setting and converts it to its runtime type. `origin` names the file in
+    /// errors; `has_file` tells whether there is a file at all (for the "no upstream" message).
+    fn validate(
+        self,
+        origin: &str,
+        has_file: bool,
+        overrides: &Overrides<'_>,
+    ) -> Result<Config, ConfigError> {
+        let key = |key: &'static str| Setting::Key { origin, key };
+
+        // [server]
+        let listen = if overrides.listen.is_empty() {
+            parse_listen(self.server.listen.into_vec(), key("server.listen"))?
+        } else {
+            parse_listen(overrides.listen.to_vec(), Setting::Flag("--listen"))?
+        };
+        let threads = in_range(
+            self.server.threads,
+            1,
+            MAX_THREADS as i64,
+            key("server.threads"),
+        )?;
+        let grace_period_seconds = in_range(
+            self.server.grace_period_seconds,
+            0,
+            MAX_GRACE_PERIOD_SECONDS as i64,
+            key("server.grace_period_seconds"),
+        )?;
+
+        // [upstream]
+        let servers = if !overrides.upstream.is_empty() {
+            parse_upstreams(overrides.upstream.to_vec(), Setting::Flag("--upstream"))?
+        } else if let Some(url) = self.upstream.url {
+            parse_upstreams(url.into_vec(), key("upstream.url"))?
+        } else {
+            return Err(ConfigError::NoUpstream {
+                origin: has_file.then(|| origin.to_owned()),
+            });
+        };
+        let connect_timeout_ms = in_range(
+            self.upstream.connect_timeout_ms,
+            1,
+            MAX_TIMEOUT_MS as i64,
+            key("upstream.connect_timeout_ms"),
+        )?;
+        let read_timeout_ms = in_range(
+            self.upstream.read_timeout_ms,
+            1,
+            MAX_TIMEOUT_MS as i64,
+            key("upstream.read_timeout_ms"),
+        )?;
+
+        // [policy]
+        let conflict_status = match self.policy.conflict_status {
+            409 => StatusCode::CONFLICT,
+            412 => StatusCode::PRECONDITION_FAILED,
+            other => {
+                return Err(
+                    key("policy.conflict_status").reject(other.to_string(), "allowed: 409, 412")
+                )
+            }
+        };
+        let guarded_methods = parse_methods(
+            self.policy.guarded_methods.into_vec(),
+            key("policy.guarded_methods"),
+        )?;
+
+        // [store]
+        let kind = StoreKind::parse(&self.store.kind)
+            .map_err(|reason| key("store.kind").reject(quoted(&self.store.kind), reason))?;
+        let capacity = in_range(
+            self.store.capacity,
+            1,
+            MAX_STORE_CAPACITY as i64,
+            key("store.capacity"),
+        )?;
+
+        Ok(Config {
+            server: ServerConfig {
+                listen,
+                threads: threads as usize,
+                grace_period_seconds: grace_period_seconds as u64,
+            },
+            upstream: UpstreamConfig {
+                servers,
+                connect_timeout: Duration::from_millis(connect_timeout_ms as u64),
+                read_timeout: Duration::from_millis(read_timeout_ms as u64),
+            },
+            policy: PolicyConfig {
+                conflict_status,
+                require_if_match: self.policy.require_if_match,
+                guarded_methods,
+            },
+            store: StoreConfig {
+                kind,
+                capacity: NonZeroUsize::new(capacity as usize).expect("checked to be >= 1"),
+            },
+        })
+    }
+}
+
+/// Finds the dotted key whose name or value covers byte `pos` of `text`, to say which setting a
+/// toml error is about (toml shows the line, but not the `[table]` it sits in).
+fn key_at(text: &str, pos: usize) -> Option<String> {
+    fn search(table: &toml::de::DeTable<'_>, pos: usize, path: &mut Vec<String>) -> Option<String> {
+        for (name, value) in table {
+            path.push(name.get_ref().to_string());
+            // The innermost key wins: look inside a table before matching the table itself.
+            if let toml::de::DeValue::Table(inner) = value.get_ref() {
+                if let Some(found) = search(inner, pos, path) {
+                    return Some(found);
+                }
+            }
+            if name.span().contains(&pos) || value.span().contains(&pos) {
+                return Some(path.join("."));
+            }
+            path.pop();
+        }
+        None
+    }
+    let document = toml::de::DeTable::parse(text).ok()?;
+    search(document.get_ref(), pos, &mut Vec::new())
+}
+
+fn in_range(value: i64, min: i64, max: i64, setting: Setting<'_>) -> Result<i64, ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(setting.reject(value.to_string(), format!("allowed: {min} to {max}")))
+    }
+}
+
+fn parse_listen(
+    addresses: Vec<String>,
+    setting: Setting<'_>,
+) -> Result<Vec<SocketAddr>, ConfigError> {
+    if addresses.is_empty() {
+        return Err(setting.reject(
+            "[]",
+            format!("give at least one address, e.g. {}", quoted(DEFAULT_LISTEN)),
+        ));
+    }
+    let mut listen = Vec::with_capacity(addresses.len());
+    for text in addresses {
+        let address: SocketAddr = text.trim().parse().map_err(|_| {
+            setting.reject(
+                quoted(&text),
+                "expected IP:port, e.g. \"0.0.0.0:8080\" or \"[::]:8080\"",
+            )
+        })?;
+        if listen.contains(&address) {
+            return Err(setting.reject(quoted(&text), "the address is listed twice"));
+        }
+        listen.push(address);
+    }
+    Ok(listen)
+}
+
+fn parse_upstreams(urls: Vec<String>, setting: Setting<'_>) -> Result<Vec<Upstream>, ConfigError> {
+    if urls.is_empty() {
+        return Err(setting.reject(
+            "[]",
+            format!("give at least one URL, e.g. {}", quoted(UPSTREAM_EXAMPLE)),
+        ));
+    }
+    urls.iter()
+        .map(|url| parse_upstream(url).map_err(|reason| setting.reject(quoted(url), reason)))
+        .collect()
+}
+
+/// Parses `http://host[:port][/]`; the error is the reason shown to the user.
+fn parse_upstream(url: &str) -> Result<Upstream, String> {
+    let only_http = || format!("only http:// URLs, e.g. {UPSTREAM_EXAMPLE}");
+    let (scheme, rest) = url.split_once("://").ok_or_else(only_http)?;
+    if scheme.eq_ignore_ascii_case("https") {
+        return Err(format!(
+            "TLS to upstreams is not supported yet, use http://, e.g. {UPSTREAM_EXAMPLE}"
+        ));
+    }
+    if !scheme.eq_ignore_ascii_case("http") {
+        return Err(only_http());
+    }
+
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    if tail.contains('?') {
+        return Err("a query string is not allowed: give only http://host[:port]".to_owned());
+    }
+    if tail.contains('#') {
+        return Err("a fragment is not allowed: give only http://host[:port]".to_owned());
+    }
+    if !tail.is_empty() && tail != "/" {
+        return Err(
+            "a path is not allowed (requests are forwarded with their own path): give only http://host[:port]"
+                .to_owned(),
+        );
+    }
+    if authority.contains('@') {
+        return Err("user info (user@) is not allowed: give only http://host[:port]".to_owned());
+    }
+
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        // IPv6 literal: [addr] or [addr]:port
+        let (address, after) = bracketed
+            .split_once(']')
+            .ok_or("an IPv6 address needs a closing `]`, e.g. http://[::1]:3000")?;
+        address
+            .parse::<Ipv6Addr>()
+            .map_err(|_| format!("`{address}` is not an IPv6 address"))?;
+        let port = match after {
+            "" => None,
+            _ => Some(
+                after
+                    .strip_prefix(':')
+                    .ok_or("expected `:port` after `]`")?,
+            ),
+        };
+        (address, port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+
+    if host.is_empty() {
+        return Err(format!("the host is missing, e.g. {UPSTREAM_EXAMPLE}"));
+    }
+    if !authority.starts_with('[')
+        && !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "`{host}` is not a host name or IP address, e.g. {UPSTREAM_EXAMPLE}"
+        ));
+    }
+    let port = match port {
+        None => DEFAULT_HTTP_PORT,
+        Some(port) => match port.parse::<u16>() {
+            Ok(port) if port != 0 => port,
+            _ => return Err(format!("the port must be 1 to 65535, not `{port}`")),
+        },
+    };
+
+    Ok(Upstream {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+fn parse_methods(names: Vec<String>, setting: Setting<'_>) -> Result<Vec<Method>, ConfigError> {
+    if names.is_empty() {
+        return Err(setting.reject(
+            "[]",
+            format!(
+                "give at least one method, e.g. {}",
+                quoted_list(DEFAULT_GUARDED_METHODS)
+            ),
+        ));
+    }
+    let mut methods: Vec<Method> = Vec::with_capacity(names.len());
+    for name in names {
+        let method = Method::from_bytes(name.trim().to_ascii_uppercase().as_bytes())
+            .map_err(|_| setting.reject(quoted(&name), "not an HTTP method, e.g. \"PUT\""))?;
+        let read_only = [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::TRACE,
+            Method::CONNECT,
+        ];
+        if read_only.contains(&method) {
+            return Err(setting.reject(
+                quoted(&name),
+                "a read-only method cannot be guarded; allowed: PUT, PATCH, DELETE, POST or another write method",
+            ));
+        }
+        // A repeated method changes nothing, so it isn't worth an error.
+        if !methods.contains(&method) {
+            methods.push(method);
+        }
+    }
+    Ok(methods)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+
+impl Config {
+    /// Parses and validates a TOML text; `origin` (the file path) is used in error messages.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        FileConfig::parse(text, origin)?.validate(origin, true, &Overrides::default())
+    }
+
+    /// Reads the `--config` file (if any), applies the command-line overrides and validates.
+    /// The upstream is required, from the file or from `--upstream`.
+    pub fn from_cli(cli: &Cli) -> Result<Config, ConfigError> {
+        let overrides = Overrides {
+            listen: &cli.listen,
+            upstream: &cli.upstream,
+        };
+        match &cli.config {
+            Some(path) => {
+                let origin = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                FileConfig::parse(&text, &origin)?.validate(&origin, true, &overrides)
+            }
+            None => FileConfig::default().validate(NO_FILE, false, &overrides),
+        }
+    }
+
+    /// A one-line human summary, for the startup log line and `--check`.
+    pub fn summary(&self) -> String {
+        let join = |items: Vec<String>| items.join(", ");
+        let listen = join(self.server.listen.iter().map(|a| a.to_string()).collect());
+        let upstreams = join(
+            self.upstream
+                .servers
+                .iter()
+                .map(|u| u.to_string())
+                .collect(),
+        );
+        let methods = join(
+            self.policy
+                .guarded_methods
+                .iter()
+                .map(|m| m.to_string())
+                .collect(),
+        );
+        format!(
+            "listen {listen} ({threads} threads, {grace}s grace) -> upstream {upstreams}{rr} \
+             (connect {connect}ms, read {read}ms); guarding {methods}, If-Match {if_match}, \
+             conflict -> {status}; {kind} store, {capacity} entries",
+            threads = self.server.threads,
+            grace = self.server.grace_period_seconds,
+            rr = if self.upstream.servers.len() > 1 {
+                " round robin"
+            } else {
+                ""
+            },
+            connect = self.upstream.connect_timeout.as_millis(),
+            read = self.upstream.read_timeout.as_millis(),
+            if_match = if self.policy.require_if_match {
+                "required"
+            } else {
+                "optional"
+            },
+            status = self.policy.conflict_status.as_u16(),
+            kind = self.store.kind,
+            capacity = self.store.capacity,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    const FILE: &str = "conf/test.toml";
+    const UPSTREAM: &str = "[upstream]\nurl = \"http://127.0.0.1:3000\"\n";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, FILE)
+    }
+
+    /// Parses `extra` after a valid [upstream] table.
+    fn with_upstream(extra: &str) -> Result<Config, ConfigError> {
+        parse(&format!("{UPSTREAM}{extra}"))
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).expect_err("should be rejected").to_string()
+    }
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("etag-gateway").chain(args.iter().copied()))
+            .expect("valid command line")
+    }
+
+    /// A file in the temp dir, removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, text: &str) -> TempFile {
+            let path = std::env::temp_dir().join(format!(
+                "etag-gateway-config-{}-{name}.toml",
+                std::process::id()
+            ));
+            std::fs::write(&path, text).expect("write temp config");
+            TempFile(path)
+        }
+
+        fn arg(&self) -> &str {
+            self.0.to_str().expect("utf-8 temp path")
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn defaults_apply_to_every_missing_key() {
+        let config = parse(UPSTREAM).unwrap();
+        assert_eq!(config.server, ServerConfig::default());
+        assert_eq!(config.server.listen, vec![DEFAULT_LISTEN.parse().unwrap()]);
+        assert_eq!(config.server.threads, DEFAULT_THREADS);
+        assert_eq!(config.server.grace_period_seconds, 5);
+        assert_eq!(
+            config.upstream.servers,
+            vec![Upstream {
+                host: "127.0.0.1".into(),
+                port: 3000
+            }]
+        );
+        assert_eq!(config.upstream.connect_timeout, Duration::from_secs(1));
+        assert_eq!(config.upstream.read_timeout, Duration::from_secs(30));
+        assert_eq!(config.policy, PolicyConfig::default());
+        assert_eq!(config.policy.conflict_status, StatusCode::CONFLICT);
+        assert!(!config.policy.require_if_match);
+        assert_eq!(
+            config.policy.guarded_methods,
+            vec![Method::PUT, Method::PATCH, Method::DELETE]
+        );
+        assert_eq!(config.store, StoreConfig::default());
+        assert_eq!(config.store.kind, StoreKind::Memory);
+        assert_eq!(config.store.capacity.get(), 1_000_000);
+    }
+
+    #[test]
+    fn example_config_file_is_valid_and_spells_out_the_defaults() {
+        let config = Config::from_toml(include_str!("../conf/gateway.toml"), "conf/gateway.toml")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config, parse(UPSTREAM).unwrap());
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let config = parse(
+            r#"
+            [server]
+            listen = "127.0.0.1:9000"
+            threads = 8
+            grace_period_seconds = 0
+            [upstream]
+            url = "http://backend.internal"
+            connect_timeout_ms = 250
+            read_timeout_ms = 60000
+            [policy]
+            conflict_status = 412
+            require_if_match = true
+            guarded_methods = ["post", "Put"]
+            [store]
+            kind = "memory"
+            capacity = 10
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.server.listen,
+            vec!["127.0.0.1:9000".parse().unwrap()]
+        );
+        assert_eq!(config.server.threads, 8);
+        assert_eq!(config.server.grace_period_seconds, 0);
+        assert_eq!(config.upstream.servers[0].address(), "backend.internal:80");
+        assert_eq!(config.upstream.connect_timeout, Duration::from_millis(250));
+        assert_eq!(config.upstream.read_timeout, Duration::from_secs(60));
+        assert_eq!(
+            config.policy.conflict_status,
+            StatusCode::PRECONDITION_FAILED
+        );
+        assert!(config.policy.require_if_match);
+        assert_eq!(
+            config.policy.guarded_methods,
+            vec![Method::POST, Method::PUT]
+        );
+        assert_eq!(config.store.capacity.get(), 10);
+    }
+
+    #[test]
+    fn listen_and_url_take_one_value_or_a_list() {
+        let one = with_upstream("[server]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+        assert_eq!(one.server.listen, vec!["127.0.0.1:1".parse().unwrap()]);
+
+        let many = parse(
+            r#"
+            server.listen = ["127.0.0.1:1", "[::1]:2"]
+            upstream.url = ["http://a:1", "http://[::1]:2/"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            many.server.listen,
+            vec!["127.0.0.1:1".parse().unwrap(), "[::1]:2".parse().unwrap()]
+        );
+        let upstreams: Vec<String> = many
+            .upstream
+            .servers
+            .iter()
+            .map(|u| u.to_string())
+            .collect();
+        assert_eq!(upstreams, ["http://a:1", "http://[::1]:2"]);
+        assert_eq!(many.upstream.servers[1].address(), "[::1]:2");
+        assert_eq!(many.upstream.servers[1].host, "::1");
+
+        let e = error(&format!("server.listen = 8080\n{UPSTREAM}"));
+        assert!(e.contains("server.listen"), "{e}");
+        assert!(
+            e.contains("invalid type: integer `8080`, expected a string or an array of strings"),
+            "{e}"
+        );
+
+        let one_method = with_upstream("[policy]\nguarded_methods = \"post\"\n").unwrap();
+        assert_eq!(one_method.policy.guarded_methods, vec![Method::POST]);
+    }
+
+    #[test]
+    fn conflict_status_412_is_accepted_and_410_rejected() {
+        let config = with_upstream("[policy]\nconflict_status = 412\n").unwrap();
+        assert_eq!(
+            config.policy.conflict_status,
+            StatusCode::PRECONDITION_FAILED
+        );
+
+        let e = with_upstream("[policy]\nconflict_status = 410\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "conf/test.toml: policy.conflict_status = 410 is not allowed (allowed: 409, 412)"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_the_allowed_ones() {
+        let e = error(&format!("{UPSTREAM}[polcy]\nconflict_status = 409\n"));
+        assert!(e.starts_with("conf/test.toml: "), "{e}");
+        assert!(e.contains("polcy"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("`server`, `upstream`, `policy`, `store`"), "{e}");
+
+        let e = error(&format!("{UPSTREAM}[store]\ncapacty = 5\n"));
+        assert!(e.contains("`store.capacty`"), "{e}");
+        assert!(e.contains("`kind`"), "{e}");
+        assert!(e.contains("`capacity`"), "{e}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_the_key() {
+        let e = error(&format!("{UPSTREAM}[server]\nthreads = \"two\"\n"));
+        assert!(
+            e.starts_with("conf/test.toml: in `server.threads`: "),
+            "{e}"
+        );
+        assert!(e.contains("line 4"), "{e}");
+        assert!(e.contains("expected an integer"), "{e}");
+
+        let e = error(&format!("{UPSTREAM}[policy]\nrequire_if_match = \"yes\"\n"));
+        assert!(e.contains("`policy.require_if_match`"), "{e}");
+
+        let e = error("upstream = 3\n");
+        assert!(e.contains("`upstream`"), "{e}");
+    }
+
+    #[test]
+    fn invalid_toml_names_the_file_and_line() {
+        let e = error("[server\n");
+        assert!(e.starts_with("conf/test.toml: "), "{e}");
+        assert!(e.contains("line 1"), "{e}");
+    }
+
+    /// Every range and rule: the error names the file, the dotted key and what is allowed.
+    #[test]
+    fn each_bad_value_names_the_file_the_key_and_what_is_allowed() {
+        let cases = [
+            (
+                "[server]\nlisten = \"localhost:80\"",
+                "server.listen",
+                "IP:port",
+            ),
+            ("[server]\nlisten = []", "server.listen", "at least one"),
+            (
+                "[server]\nlisten = [\"127.0.0.1:1\", \"127.0.0.1:1\"]",
+                "server.listen",
+                "twice",
+            ),
+            ("[server]\nthreads = 0", "server.threads", "1 to 1024"),
+            ("[server]\nthreads = 1025", "server.threads", "1 to 1024"),
+            (
+                "[server]\ngrace_period_seconds = 3601",
+                "server.grace_period_seconds",
+                "0 to 3600",
+            ),
+            (
+                "[server]\ngrace_period_seconds = -1",
+                "server.grace_period_seconds",
+                "0 to 3600",
+            ),
+            (
+                "[upstream]\nconnect_timeout_ms = 0",
+                "upstream.connect_timeout_ms",
+                "1 to 3600000",
+            ),
+            (
+                "[upstream]\nread_timeout_ms = 3600001",
+                "upstream.read_timeout_ms",
+                "1 to 3600000",
+            ),
+            (
+                "[policy]\nguarded_methods = []",
+                "policy.guarded_methods",
+                "at least one",
+            ),
+            (
+                "[policy]\nguarded_methods = [\"PUT\", \"get\"]",
+                "policy.guarded_methods",
+                "a read-only method cannot be guarded",
+            ),
+            (
+                "[policy]\nguarded_methods = [\"CONNECT\"]",
+                "policy.guarded_methods",
+                "read-only",
+            ),
+            (
+                "[policy]\nguarded_methods = [\"PU T\"]",
+                "policy.guarded_methods",
+                "not an HTTP method",
+            ),
+            (
+                "[store]\nkind = \"disk\"",
+                "store.kind",
+                "allowed: \"memory\"",
+            ),
+            (
+                "[store]\nkind = \"redis\"",
+                "store.kind",
+                "not available yet",
+            ),
+            ("[store]\ncapacity = 0", "store.capacity", "1 to 1000000000"),
+            (
+                "[store]\ncapacity = 1000000001",
+                "store.capacity",
+                "1 to 1000000000",
+            ),
+        ];
+        for (text, key, allowed) in cases {
+            // Keys of [upstream] are merged into the valid upstream table.
+            let text = match text.strip_prefix("[upstream]\n") {
+                Some(rest) => format!("{UPSTREAM}{rest}\n"),
+                None => format!("{UPSTREAM}{text}\n"),
+            };
+            let e = error(&text);
+            assert!(
+                e.starts_with(&format!("{FILE}: {key} = ")),
+                "{text:?} gave {e}"
+            );
+            assert!(e.contains("is not allowed"), "{text:?} gave {e}");
+            assert!(e.contains(allowed), "{text:?} gave {e}");
+        }
+    }
+
+    #[test]
+    fn upstream_urls_must_be_plain_http_host_and_port() {
+        let ok = |url: &str| parse_upstream(url).map(|u| u.to_string());
+        assert_eq!(
+            ok("http://127.0.0.1:3000"),
+            Ok("http://127.0.0.1:3000".into())
+        );
+        assert_eq!(
+            ok("http://127.0.0.1:3000/"),
+            Ok("http://127.0.0.1:3000".into())
+        );
+        assert_eq!(ok("HTTP://backend"), Ok("http://backend:80".into()));
+        assert_eq!(ok("http://[::1]"), Ok("http://[::1]:80".into()));
+
+        let reason = |url: &str| parse_upstream(url).expect_err(url);
+        assert!(reason("https://x").contains("TLS to upstreams is not supported yet"));
+        assert!(reason("ftp://x").contains("only http:// URLs"));
+        assert!(reason("127.0.0.1:3000").contains("only http:// URLs"));
+        assert!(reason("http://x/api").contains("a path is not allowed"));
+        assert!(reason("http://x/?a=1").contains("query"));
+        assert!(reason("http://x?a=1").contains("query"));
+        assert!(reason("http://x#top").contains("fragment"));
+        assert!(reason("http://user:pw@x").contains("user info"));
+        assert!(reason("http://").contains("host is missing"));
+        assert!(reason("http://:3000").contains("host is missing"));
+        assert!(reason("http://x:0").contains("port"));
+        assert!(reason("http://x:70000").contains("port"));
+        assert!(reason("http://x:").contains("port"));
+        assert!(reason("http://[::1").contains("closing"));
+        assert!(reason("http://[nope]:1").contains("IPv6"));
+        assert!(reason("http://a b").contains("not a host name"));
+
+        let e = error("[upstream]\nurl = \"https://x\"\n");
+        assert_eq!(
+            e,
+            "conf/test.toml: upstream.url = \"https://x\" is not allowed \
+             (TLS to upstreams is not supported yet, use http://, e.g. http://127.0.0.1:3000)"
+        );
+        let e = error("[upstream]\nurl = []\n");
+        assert!(
+            e.starts_with("conf/test.toml: upstream.url = [] is not allowed"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_upstream_is_required() {
+        let e = error("[server]\nthreads = 1\n");
+        assert!(
+            e.starts_with("no upstream: give --upstream URL or [upstream] url in the config file"),
+            "{e}"
+        );
+        assert!(e.contains(FILE), "{e}");
+
+        let e = Config::from_cli(&cli(&[])).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "no upstream: give --upstream URL or [upstream] url in the config file"
+        );
+    }
+
+    #[test]
+    fn flags_alone_are_enough() {
+        let config = Config::from_cli(&cli(&[
+            "--upstream",
+            "http://10.0.0.1:3000",
+            "--upstream",
+            "http://10.0.0.2:3000",
+            "--listen",
+            "127.0.0.1:0",
+        ]))
+        .unwrap();
+        assert_eq!(config.upstream.servers.len(), 2);
+        assert_eq!(config.server.listen, vec!["127.0.0.1:0".parse().unwrap()]);
+        assert_eq!(config.policy, PolicyConfig::default());
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file = TempFile::new(
+            "override",
+            "[server]\nlisten = \"0.0.0.0:1\"\nthreads = 3\n[upstream]\nurl = \"http://file:1\"\n",
+        );
+        let config = Config::from_cli(&cli(&[
+            "--config",
+            file.arg(),
+            "--upstream",
+            "http://flag:2",
+            "--listen",
+            "127.0.0.1:2",
+            "--listen",
+            "127.0.0.1:3",
+        ]))
+        .unwrap();
+        assert_eq!(config.upstream.servers[0].to_string(), "http://flag:2");
+        assert_eq!(config.upstream.servers.len(), 1);
+        assert_eq!(
+            config.server.listen,
+            vec![
+                "127.0.0.1:2".parse().unwrap(),
+                "127.0.0.1:3".parse().unwrap()
+            ]
+        );
+        // Keys without a flag still come from the file.
+        assert_eq!(config.server.threads, 3);
+
+        let from_file = Config::from_cli(&cli(&["--config", file.arg()])).unwrap();
+        assert_eq!(from_file.upstream.servers[0].to_string(), "http://file:1");
+    }
+
+    #[test]
+    fn an_upstream_flag_supplies_what_the_file_lacks() {
+        let file = TempFile::new("no-upstream", "[server]\nthreads = 1\n");
+        let config =
+            Config::from_cli(&cli(&["--config", file.arg(), "--upstream", "http://x"])).unwrap();
+        assert_eq!(config.upstream.servers[0].address(), "x:80");
+    }
+
+    #[test]
+    fn bad_flags_name_the_flag() {
+        let e = Config::from_cli(&cli(&["--upstream", "ftp://x"]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "--upstream: \"ftp://x\" is not allowed (only http:// URLs, e.g. http://127.0.0.1:3000)"
+        );
+        let e = Config::from_cli(&cli(&["--upstream", "http://x", "--listen", "nowhere"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--listen: \"nowhere\" is not allowed"), "{e}");
+    }
+
+    #[test]
+    fn file_errors_through_the_cli_name_the_file() {
+        let file = TempFile::new("bad", "[policy]\nconflict_status = 410\n");
+        let e = Config::from_cli(&cli(&["--config", file.arg(), "--upstream", "http://x"]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: policy.conflict_status = 410 is not allowed (allowed: 409, 412)",
+                file.arg()
+            )
+        );
+
+        let missing = std::env::temp_dir().join("etag-gateway-no-such-config.toml");
+        let e = Config::from_cli(&Cli {
+            config: Some(missing.clone()),
+            ..Cli::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{}: cannot read the configuration file",
+                missing.display()
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let parsed = cli(&["--config", "x.toml", "--check"]);
+        assert_eq!(parsed.config, Some(PathBuf::from("x.toml")));
+        assert!(parsed.check);
+    }
+
+    #[test]
+    fn summary_is_one_line_with_the_essentials() {
+        let config = parse(include_str!("../conf/gateway.toml")).unwrap();
+        let summary = config.summary();
+        assert!(!summary.contains('\n'), "{summary}");
+        for part in [
+            "0.0.0.0:8080",
+            "http://127.0.0.1:3000",
+            "409",
+            "PUT, PATCH, DELETE",
+            "memory",
+        ] {
+            assert!(summary.contains(part), "{summary} lacks {part}");
+        }
+    }
+}

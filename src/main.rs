@@ -1,0 +1,101 @@
+//! `etag-gateway`: reads the configuration (file, then flags), then runs the Pingora server.
+
+use clap::Parser;
+use etag_gateway::config::{Cli, Config, StoreKind};
+use etag_gateway::proxy::{Gateway, GatewaySettings};
+use etag_gateway::store::{EtagStore, MemoryStore};
+use pingora::lb::LoadBalancer;
+use pingora::prelude::*;
+use pingora::server::configuration::ServerConf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_cli(&cli) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("etag-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        let origin = cli
+            .config
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "built-in defaults".into());
+        println!("{origin}: ok: {}", config.summary());
+        return ExitCode::SUCCESS;
+    }
+    init_logging();
+    match run(config) {
+        Ok(never) => match never {},
+        Err(e) => {
+            eprintln!("etag-gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    // Pingora logs through `log`; the subscriber's tracing-log bridge collects those lines too.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn run(config: Config) -> anyhow::Result<std::convert::Infallible> {
+    tracing::info!("starting: {}", config.summary());
+
+    let store: Arc<dyn EtagStore> = match config.store.kind {
+        StoreKind::Memory => Arc::new(MemoryStore::new(config.store.capacity)),
+    };
+    let upstreams =
+        LoadBalancer::try_from_iter(config.upstream.servers.iter().map(|u| u.address()))
+            .map_err(|e| anyhow::anyhow!("cannot resolve the upstream addresses: {e}"))?;
+    let settings = GatewaySettings {
+        conflict_status: config.policy.conflict_status,
+        require_if_match: config.policy.require_if_match,
+        guarded_methods: config.policy.guarded_methods.clone(),
+        connect_timeout: config.upstream.connect_timeout,
+        read_timeout: config.upstream.read_timeout,
+    };
+
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), pingora_conf(&config));
+    server.bootstrap();
+    let mut proxy = pingora::proxy::http_proxy_service(
+        &server.configuration,
+        Gateway::new(store, Arc::new(upstreams), settings),
+    );
+    for addr in &config.server.listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    server.add_service(proxy);
+    server.run_forever()
+}
+
+/// Pingora's own settings, from ours. Its defaults that would bite are replaced: a 300 s grace
+/// period (docker stops after 10 s), and pid/upgrade-socket paths shared by every instance on a host.
+fn pingora_conf(config: &Config) -> ServerConf {
+    let id = std::process::id();
+    let tmp = std::env::temp_dir();
+    ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(config.server.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(5),
+        pid_file: tmp
+            .join(format!("etag-gateway-{id}.pid"))
+            .display()
+            .to_string(),
+        upgrade_sock: tmp
+            .join(format!("etag-gateway-{id}.sock"))
+            .display()
+            .to_string(),
+        ..ServerConf::default()
+    }
+}

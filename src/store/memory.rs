@@ -1,0 +1,88 @@
+//! The etag table in this process: an [`EtagTable`] behind a `std::sync::Mutex`.
+//!
+//! A std mutex, not tokio's: every step is O(1) and never awaits while holding the lock, so the
+//! lock is held for well under a microsecond and async locking would only add cost.
+
+use super::{EtagStore, StoreError};
+use crate::etag::Etag;
+use crate::precondition::IfMatch;
+use crate::resource_key::ResourceKey;
+use crate::table::{EtagTable, ReadTicket, Refusal, WriteOutcome, WriteTicket};
+use async_trait::async_trait;
+use std::num::NonZeroUsize;
+use std::sync::{Mutex, MutexGuard};
+
+pub struct MemoryStore {
+    table: Mutex<EtagTable>,
+}
+
+impl MemoryStore {
+    pub fn new(capacity: NonZeroUsize) -> MemoryStore {
+        MemoryStore {
+            table: Mutex::new(EtagTable::new(capacity)),
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, EtagTable> {
+        // A panic while holding the lock cannot leave the table half-updated in a way that lets a stale
+        // etag match (each step mutates one entry at the end), so a poisoned lock is still usable.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Entries held now.
+    pub fn len(&self) -> usize {
+        self.table().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+impl EtagStore for MemoryStore {
+    async fn begin_read(&self, key: &ResourceKey) -> Result<ReadTicket, StoreError> {
+        Ok(self.table().begin_read(key))
+    }
+
+    async fn finish_read(
+        &self,
+        ticket: &ReadTicket,
+        answered_2xx: bool,
+    ) -> Result<Option<Etag>, StoreError> {
+        Ok(self.table().finish_read(ticket, answered_2xx))
+    }
+
+    async fn check(
+        &self,
+        key: &ResourceKey,
+        precondition: &IfMatch,
+    ) -> Result<Result<(), Refusal>, StoreError> {
+        Ok(self.table().check(key, precondition))
+    }
+
+    async fn reserve_write(
+        &self,
+        key: &ResourceKey,
+        precondition: Option<&IfMatch>,
+    ) -> Result<Result<WriteTicket, Refusal>, StoreError> {
+        Ok(self.table().reserve_write(key, precondition))
+    }
+
+    async fn settle_write(
+        &self,
+        ticket: WriteTicket,
+        outcome: WriteOutcome,
+    ) -> Result<Option<Etag>, StoreError> {
+        Ok(self.table().settle_write(ticket, outcome))
+    }
+
+    async fn withdraw(&self, key: &ResourceKey, etag: Etag) -> Result<(), StoreError> {
+        self.table().withdraw(key, etag);
+        Ok(())
+    }
+
+    fn settle_abandoned(&self, ticket: WriteTicket) {
+        self.table().settle_write(ticket, WriteOutcome::Unknown);
+    }
+}

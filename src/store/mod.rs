@@ -1,0 +1,54 @@
+//! Where the etag table lives. The proxy talks to one small trait; the memory store keeps the table in
+//! this process, a shared store (Redis) will keep it for several replicas. Every step is atomic on the
+//! store's side: check-and-reserve is one step, never a read followed by a write.
+
+pub mod memory;
+
+use crate::etag::Etag;
+use crate::precondition::IfMatch;
+use crate::resource_key::ResourceKey;
+use crate::table::{ReadTicket, Refusal, WriteOutcome, WriteTicket};
+use async_trait::async_trait;
+
+pub use memory::MemoryStore;
+
+/// The store could not answer; the request gets a 503 and nothing is forwarded.
+#[derive(Debug, thiserror::Error)]
+#[error("etag store unavailable: {0}")]
+pub struct StoreError(pub String);
+
+#[async_trait]
+pub trait EtagStore: Send + Sync + 'static {
+    /// A read starts (see [`crate::table::EtagTable::begin_read`]).
+    async fn begin_read(&self, key: &ResourceKey) -> Result<ReadTicket, StoreError>;
+    /// A read's answer arrived: the etag naming its body, if one can be vouched for.
+    async fn finish_read(
+        &self,
+        ticket: &ReadTicket,
+        answered_2xx: bool,
+    ) -> Result<Option<Etag>, StoreError>;
+    /// `If-Match` on a request that changes nothing.
+    async fn check(
+        &self,
+        key: &ResourceKey,
+        precondition: &IfMatch,
+    ) -> Result<Result<(), Refusal>, StoreError>;
+    /// Check and reserve a write in one atomic step.
+    async fn reserve_write(
+        &self,
+        key: &ResourceKey,
+        precondition: Option<&IfMatch>,
+    ) -> Result<Result<WriteTicket, Refusal>, StoreError>;
+    /// Record the outcome of a reserved write; the etag to hand to the client, if any.
+    async fn settle_write(
+        &self,
+        ticket: WriteTicket,
+        outcome: WriteOutcome,
+    ) -> Result<Option<Etag>, StoreError>;
+    /// The etag handed out for an applied write turned out not to be trustworthy (the answer broke off
+    /// after its headers): unless something else changed since, the resource's state becomes unknown.
+    async fn withdraw(&self, key: &ResourceKey, etag: Etag) -> Result<(), StoreError>;
+    /// Settle a write whose request was dropped without an outcome (gateway shutting down, task
+    /// cancelled): must not block and must not fail silently into "not applied".
+    fn settle_abandoned(&self, ticket: WriteTicket);
+}

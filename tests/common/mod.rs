@@ -1,0 +1,348 @@
+//! Test harness for the end-to-end tests: runs the real `demo-backend` and `etag-gateway` binaries
+//! as child processes on free local ports, and a few HTTP helpers.
+//!
+//! Each process writes its stderr to a file in a unique temp directory; when a test fails (the
+//! harness is dropped while the thread panics) the tail of that file is printed and the directory is
+//! kept, otherwise it is removed.
+
+#![allow(dead_code)] // each test crate uses a different subset
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A unique directory under the system temp dir for one child process.
+fn unique_temp_dir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir()
+        .join("etag-gateway-tests")
+        .join(format!("{what}-{}-{}", std::process::id(), uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+fn tail(path: &Path, max: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let start = text.len().saturating_sub(max);
+    let start = (start..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+    text[start..].to_string()
+}
+
+/// Kills and reaps a child; on a failing test prints the tail of its stderr and keeps its directory.
+fn shut_down(child: &mut Child, what: &str, dir: &Path) {
+    let _ = child.kill();
+    let _ = child.wait();
+    if std::thread::panicking() {
+        eprintln!(
+            "---- {what} stderr (tail; files kept in {}) ----\n{}\n---- end of {what} stderr ----",
+            dir.display(),
+            tail(&dir.join("stderr.log"), 8_000)
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// The `demo-backend` binary, listening on a free port.
+pub struct DemoBackend {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+    // Kept open so that the backend never writes to a closed pipe.
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl DemoBackend {
+    /// Starts `demo-backend --listen 127.0.0.1:0 <args>` and learns its address from its first
+    /// stdout line (`demo-backend listening on <addr>`).
+    pub fn start(args: &[&str]) -> DemoBackend {
+        let dir = unique_temp_dir("demo-backend");
+        let stderr = File::create(dir.join("stderr.log")).expect("create stderr file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_demo-backend"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn demo-backend");
+        let stdout = child.stdout.take().expect("piped stdout");
+
+        // Read the first line on a thread, so that a backend that never prints cannot hang the test.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let res = reader.read_line(&mut line).map(|_| line);
+            let _ = tx.send((res, reader));
+        });
+        let fail = |child: &mut Child, msg: String| -> ! {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{msg}\n---- demo-backend stderr ----\n{}", tail(&dir.join("stderr.log"), 8_000));
+        };
+        let (line, reader) = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok((Ok(line), reader)) => (line, reader),
+            Ok((Err(e), _)) => fail(&mut child, format!("reading demo-backend stdout: {e}")),
+            Err(_) => fail(&mut child, "demo-backend printed no address within 20 s".into()),
+        };
+        let addr = match line.trim().strip_prefix("demo-backend listening on ").map(str::parse) {
+            Some(Ok(addr)) => addr,
+            _ => fail(&mut child, format!("unexpected first line from demo-backend: {line:?}")),
+        };
+        DemoBackend { child, addr, dir, _stdout: reader }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for DemoBackend {
+    fn drop(&mut self) {
+        shut_down(&mut self.child, "demo-backend", &self.dir);
+    }
+}
+
+/// The `etag-gateway` binary, listening on a free port in front of `upstream_url`.
+pub struct Gateway {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Gateway {
+    /// Starts `etag-gateway --upstream <url> --listen 127.0.0.1:<free port> [--config <file>]` and
+    /// waits until it accepts TCP connections. `config_toml` must not set `listen` or `url`.
+    pub fn start(upstream_url: &str, config_toml: Option<&str>) -> Gateway {
+        // The free port is found by binding and releasing it; someone may take it in between, so a
+        // gateway that dies complaining about its address is started again on another port.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Gateway::try_start(upstream_url, config_toml) {
+                Ok(gateway) => return gateway,
+                Err((msg, stderr)) => {
+                    let lower = stderr.to_lowercase();
+                    let port_taken = lower.contains("address already in use") || lower.contains("addrinuse");
+                    if port_taken && attempt < 3 {
+                        continue;
+                    }
+                    panic!("{msg}\n---- etag-gateway stderr ----\n{stderr}\n---- end ----");
+                }
+            }
+        }
+    }
+
+    fn try_start(upstream_url: &str, config_toml: Option<&str>) -> Result<Gateway, (String, String)> {
+        let dir = unique_temp_dir("etag-gateway");
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let stderr = File::create(dir.join("stderr.log")).expect("create stderr file");
+        let stdout = File::create(dir.join("stdout.log")).expect("create stdout file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_etag-gateway"));
+        cmd.args(["--upstream", upstream_url, "--listen", &addr.to_string()]);
+        if let Some(toml) = config_toml {
+            let path = dir.join("gateway.toml");
+            std::fs::write(&path, toml).expect("write config file");
+            cmd.arg("--config").arg(&path);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn etag-gateway");
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(Gateway { child, addr, dir });
+            }
+            let problem = match child.try_wait() {
+                Ok(Some(status)) => Some(format!("etag-gateway exited before listening on {addr}: {status}")),
+                _ if Instant::now() > deadline => Some(format!("etag-gateway not listening on {addr} after 20 s")),
+                _ => None,
+            };
+            if let Some(msg) = problem {
+                let _ = child.kill();
+                let _ = child.wait();
+                let stderr = tail(&dir.join("stderr.log"), 8_000);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err((msg, stderr));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        shut_down(&mut self.child, "etag-gateway", &self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().unwrap().port()
+}
+
+/// An HTTP client that never goes through a proxy (whatever the environment says).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("build reqwest client")
+}
+
+/// The response's `ETag` without its quotes (`"abc"` → `abc`; `W/"abc"` → `W/abc`).
+pub fn etag_of(resp: &reqwest::Response) -> Option<String> {
+    let raw = resp.headers().get(reqwest::header::ETAG)?.to_str().ok()?.trim();
+    Some(unquote(raw))
+}
+
+fn unquote(raw: &str) -> String {
+    let (weak, tag) = match raw.strip_prefix("W/") {
+        Some(rest) => ("W/", rest),
+        None => ("", raw),
+    };
+    let tag = tag.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(tag);
+    format!("{weak}{tag}")
+}
+
+/// The backend's applied log for one path (read directly from the backend, not through the gateway).
+pub async fn backend_log(backend_url: &str, path: &str) -> Vec<Value> {
+    let resp = client()
+        .get(format!("{backend_url}/__demo/log"))
+        .query(&[("path", path)])
+        .send()
+        .await
+        .expect("GET /__demo/log");
+    assert_eq!(resp.status(), 200, "GET /__demo/log");
+    resp.json().await.expect("applied log is a JSON array")
+}
+
+/// What the backend holds at `path` (read directly from the backend): status and body.
+pub async fn backend_get(backend_url: &str, path: &str) -> (u16, String) {
+    let resp = client()
+        .get(format!("{backend_url}{path}"))
+        .send()
+        .await
+        .expect("GET from the backend");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.expect("backend body"))
+}
+
+/// A response read by [`raw_request`].
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// `ETag` without quotes, like [`etag_of`].
+    pub fn etag(&self) -> Option<String> {
+        self.header("etag").map(|v| unquote(v.trim()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection, with the request target sent exactly as given
+/// (reqwest would normalise `/docs/./a`). Blocking; `Connection: close`.
+pub fn raw_request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> RawResponse {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        req.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() || matches!(method, "PUT" | "POST" | "PATCH") {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).expect("send request head");
+    stream.write_all(body).expect("send request body");
+
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read response");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let rest = &raw[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut resp = RawResponse { status, headers, body: Vec::new() };
+    resp.body = if method == "HEAD" || status == 204 || status == 304 {
+        Vec::new()
+    } else if resp.header("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked")) {
+        dechunk(rest)
+    } else if let Some(len) = resp.header("content-length").and_then(|l| l.parse::<usize>().ok()) {
+        rest[..len.min(rest.len())].to_vec()
+    } else {
+        rest.to_vec()
+    };
+    resp
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else { break };
+        let size_line = String::from_utf8_lossy(&data[..eol]).into_owned();
+        let size_hex = size_line.split(';').next().unwrap_or("").trim();
+        let Ok(size) = usize::from_str_radix(size_hex, 16) else { break };
+        data = &data[eol + 2..];
+        if size == 0 || data.len() < size {
+            out.extend_from_slice(&data[..size.min(data.len())]);
+            break;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = data.get(size + 2..).unwrap_or_default();
+    }
+    out
+}
