@@ -9,14 +9,12 @@
 //! * [`Config`] is what the rest of the crate sees: socket addresses, durations, status codes and
 //!   methods, all already checked.
 //!
-//! The invariant: a [`Config`] value only exists if every setting passed [`validate`], so the
+//! The invariant: every [`Config`] this module returns has passed `FileConfig::validate`, so the
 //! proxy never re-checks a setting. When something is wrong the [`ConfigError`] names where it
 //! came from (the file and the dotted key, or the flag), the offending value and what is allowed.
 //!
 //! Precedence: command-line flags (`--listen`, `--upstream`) replace the file's value, which
 //! replaces the built-in `DEFAULT_*`.
-//!
-//! [`validate`]: FileConfig::validate
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -101,6 +99,9 @@ pub struct UpstreamConfig {
     pub servers: Vec<Upstream>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// How long a write that timed out keeps its resource locked before it is settled as unknown
+    /// (the backend may still apply it late). `upstream.timeout_hold_ms`, default: the read timeout.
+    pub timeout_hold: Duration,
 }
 
 /// One upstream server, reached over plain HTTP/1.
@@ -226,11 +227,11 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Upstream server, http://host[:port]; repeat for round robin; replaces [upstream] url
+    /// Upstream server, http://host:port (port 80 if left out); repeat for round robin; replaces upstream.url
     #[arg(long = "upstream", value_name = "URL")]
     pub upstream: Vec<String>,
 
-    /// Address to listen on, IP:port; repeat to listen on several; replaces [server] listen
+    /// Address to listen on, IP:port; repeat to listen on several; replaces server.listen
     #[arg(long = "listen", value_name = "ADDR")]
     pub listen: Vec<String>,
 
@@ -434,6 +435,9 @@ struct FileUpstream {
     connect_timeout_ms: i64,
     #[serde(deserialize_with = "integer")]
     read_timeout_ms: i64,
+    /// Defaults to `read_timeout_ms`.
+    #[serde(deserialize_with = "optional_integer")]
+    timeout_hold_ms: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -469,6 +473,7 @@ impl Default for FileUpstream {
             url: None,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS as i64,
             read_timeout_ms: DEFAULT_READ_TIMEOUT_MS as i64,
+            timeout_hold_ms: None,
         }
     }
 }
@@ -521,6 +526,11 @@ fn integer<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> 
     }
 
     deserializer.deserialize_i64(Integer)
+}
+
+/// Like [`integer`], for a key whose default depends on another key.
+fn optional_integer<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    integer(deserializer).map(Some)
 }
 
 /// Command-line values that replace the file's.
@@ -590,6 +600,15 @@ impl FileConfig {
             MAX_TIMEOUT_MS as i64,
             key("upstream.read_timeout_ms"),
         )?;
+        let timeout_hold_ms = match self.upstream.timeout_hold_ms {
+            None => read_timeout_ms,
+            Some(ms) => in_range(
+                ms,
+                0,
+                MAX_TIMEOUT_MS as i64,
+                key("upstream.timeout_hold_ms"),
+            )?,
+        };
 
         // [policy]
         let conflict_status = match self.policy.conflict_status {
@@ -626,6 +645,7 @@ impl FileConfig {
                 servers,
                 connect_timeout: Duration::from_millis(connect_timeout_ms as u64),
                 read_timeout: Duration::from_millis(read_timeout_ms as u64),
+                timeout_hold: Duration::from_millis(timeout_hold_ms as u64),
             },
             policy: PolicyConfig {
                 conflict_status,
@@ -1392,5 +1412,26 @@ mod tests {
         ] {
             assert!(summary.contains(part), "{summary} lacks {part}");
         }
+    }
+}
+
+#[cfg(test)]
+mod timeout_hold_tests {
+    use super::*;
+
+    #[test]
+    fn timeout_hold_defaults_to_the_read_timeout_and_can_be_set() {
+        let base = "[upstream]\nurl = \"http://127.0.0.1:3000\"\nread_timeout_ms = 700\n";
+        let c = Config::from_toml(base, "t.toml").unwrap();
+        assert_eq!(c.upstream.timeout_hold, Duration::from_millis(700));
+        let c = Config::from_toml(&format!("{base}timeout_hold_ms = 0\n"), "t.toml").unwrap();
+        assert_eq!(c.upstream.timeout_hold, Duration::ZERO);
+        let e = Config::from_toml(&format!("{base}timeout_hold_ms = -5\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.toml") && e.contains("upstream.timeout_hold_ms"),
+            "{e}"
+        );
     }
 }

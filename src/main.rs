@@ -64,6 +64,7 @@ fn run(config: Config) -> anyhow::Result<std::convert::Infallible> {
         guarded_methods: config.policy.guarded_methods.clone(),
         connect_timeout: config.upstream.connect_timeout,
         read_timeout: config.upstream.read_timeout,
+        unknown_outcome_hold: config.upstream.timeout_hold,
     };
 
     let mut server = Server::new_with_opt_and_conf(Opt::default(), pingora_conf(&config));

@@ -35,6 +35,10 @@ pub struct GatewaySettings {
     pub guarded_methods: Vec<Method>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// How long a write that got no answer (timeout, reset) keeps its resource locked before it is
+    /// settled as unknown. The backend may still be working on it: until it is settled, reads get no
+    /// etag and conditional writes are refused, so a late apply cannot overwrite a newer write.
+    pub unknown_outcome_hold: Duration,
 }
 
 /// Idle upstream connections are dropped before common backend keep-alive timeouts (Node: 5 s) close
@@ -371,13 +375,37 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         if ctx.write.as_ref().is_some_and(|w| w.ticket.is_some()) {
-            // No answer from the backend: if nothing was sent, nothing happened.
-            let outcome = if ctx.sent_to_backend {
-                WriteOutcome::Unknown
-            } else {
-                WriteOutcome::NotApplied
-            };
-            self.settle(ctx, outcome).await;
+            let timed_out = e.is_some_and(|e| {
+                matches!(
+                    e.etype(),
+                    ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                )
+            });
+            if !ctx.sent_to_backend {
+                // Nothing reached the backend: nothing happened.
+                self.settle(ctx, WriteOutcome::NotApplied).await;
+            } else if !timed_out {
+                // Reset or closed: the backend stopped talking; whatever it did is done.
+                self.settle(ctx, WriteOutcome::Unknown).await;
+            } else if let Some(pending) = ctx.write.take() {
+                // Timed out: the backend may still be working on it and apply it late. Hold the
+                // reservation a while before settling as unknown. If the runtime stops first, Drop
+                // settles it.
+                let hold = self.settings.unknown_outcome_hold;
+                tokio::spawn(async move {
+                    tokio::time::sleep(hold).await;
+                    let mut pending = pending;
+                    if let Some(ticket) = pending.take() {
+                        if let Err(e) = pending
+                            .store
+                            .settle_write(ticket, WriteOutcome::Unknown)
+                            .await
+                        {
+                            tracing::error!(error = %e, "could not settle a write");
+                        }
+                    }
+                });
+            }
         }
         if let (Some(err), Some(etag), Some(key)) = (e, ctx.handed_out, ctx.key.as_ref()) {
             tracing::debug!(error = %err, %key, "answer broke off after its etag was sent: withdrawn");

@@ -21,7 +21,11 @@ use serde_json::Value;
 fn unique_temp_dir(what: &str) -> PathBuf {
     let dir = std::env::temp_dir()
         .join("etag-gateway-tests")
-        .join(format!("{what}-{}-{}", std::process::id(), uuid::Uuid::new_v4()));
+        .join(format!(
+            "{what}-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4()
+        ));
     std::fs::create_dir_all(&dir).expect("create temp dir");
     dir
 }
@@ -29,7 +33,9 @@ fn unique_temp_dir(what: &str) -> PathBuf {
 fn tail(path: &Path, max: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let start = text.len().saturating_sub(max);
-    let start = (start..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+    let start = (start..=text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
     text[start..].to_string()
 }
 
@@ -84,18 +90,36 @@ impl DemoBackend {
         let fail = |child: &mut Child, msg: String| -> ! {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{msg}\n---- demo-backend stderr ----\n{}", tail(&dir.join("stderr.log"), 8_000));
+            panic!(
+                "{msg}\n---- demo-backend stderr ----\n{}",
+                tail(&dir.join("stderr.log"), 8_000)
+            );
         };
         let (line, reader) = match rx.recv_timeout(Duration::from_secs(20)) {
             Ok((Ok(line), reader)) => (line, reader),
             Ok((Err(e), _)) => fail(&mut child, format!("reading demo-backend stdout: {e}")),
-            Err(_) => fail(&mut child, "demo-backend printed no address within 20 s".into()),
+            Err(_) => fail(
+                &mut child,
+                "demo-backend printed no address within 20 s".into(),
+            ),
         };
-        let addr = match line.trim().strip_prefix("demo-backend listening on ").map(str::parse) {
+        let addr = match line
+            .trim()
+            .strip_prefix("demo-backend listening on ")
+            .map(str::parse)
+        {
             Some(Ok(addr)) => addr,
-            _ => fail(&mut child, format!("unexpected first line from demo-backend: {line:?}")),
+            _ => fail(
+                &mut child,
+                format!("unexpected first line from demo-backend: {line:?}"),
+            ),
         };
-        DemoBackend { child, addr, dir, _stdout: reader }
+        DemoBackend {
+            child,
+            addr,
+            dir,
+            _stdout: reader,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -138,7 +162,8 @@ impl Gateway {
                 Ok(gateway) => return gateway,
                 Err((msg, stderr)) => {
                     let lower = stderr.to_lowercase();
-                    let port_taken = lower.contains("address already in use") || lower.contains("addrinuse");
+                    let port_taken =
+                        lower.contains("address already in use") || lower.contains("addrinuse");
                     if port_taken && attempt < 3 {
                         continue;
                     }
@@ -148,7 +173,10 @@ impl Gateway {
         }
     }
 
-    fn try_start(upstream_url: &str, config_toml: Option<&str>) -> Result<Gateway, (String, String)> {
+    fn try_start(
+        upstream_url: &str,
+        config_toml: Option<&str>,
+    ) -> Result<Gateway, (String, String)> {
         let dir = unique_temp_dir("etag-gateway");
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -174,8 +202,12 @@ impl Gateway {
                 return Ok(Gateway { child, addr, dir });
             }
             let problem = match child.try_wait() {
-                Ok(Some(status)) => Some(format!("etag-gateway exited before listening on {addr}: {status}")),
-                _ if Instant::now() > deadline => Some(format!("etag-gateway not listening on {addr} after 20 s")),
+                Ok(Some(status)) => Some(format!(
+                    "etag-gateway exited before listening on {addr}: {status}"
+                )),
+                _ if Instant::now() > deadline => {
+                    Some(format!("etag-gateway not listening on {addr} after 20 s"))
+                }
                 _ => None,
             };
             if let Some(msg) = problem {
@@ -225,7 +257,12 @@ pub fn client() -> reqwest::Client {
 
 /// The response's `ETag` without its quotes (`"abc"` → `abc`; `W/"abc"` → `W/abc`).
 pub fn etag_of(resp: &reqwest::Response) -> Option<String> {
-    let raw = resp.headers().get(reqwest::header::ETAG)?.to_str().ok()?.trim();
+    let raw = resp
+        .headers()
+        .get(reqwest::header::ETAG)?
+        .to_str()
+        .ok()?
+        .trim();
     Some(unquote(raw))
 }
 
@@ -234,7 +271,10 @@ fn unquote(raw: &str) -> String {
         Some(rest) => ("W/", rest),
         None => ("", raw),
     };
-    let tag = tag.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(tag);
+    let tag = tag
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(tag);
     format!("{weak}{tag}")
 }
 
@@ -271,7 +311,10 @@ pub struct RawResponse {
 
 impl RawResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     /// `ETag` without quotes, like [`etag_of`].
@@ -286,9 +329,17 @@ impl RawResponse {
 
 /// One HTTP/1.1 request on a fresh connection, with the request target sent exactly as given
 /// (reqwest would normalise `/docs/./a`). Blocking; `Connection: close`.
-pub fn raw_request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> RawResponse {
+pub fn raw_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
         req.push_str(&format!("{name}: {value}\r\n"));
@@ -302,7 +353,10 @@ pub fn raw_request(addr: SocketAddr, method: &str, target: &str, headers: &[(&st
 
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).expect("read response");
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("response head");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response head");
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let rest = &raw[split + 4..];
     let mut lines = head.split("\r\n");
@@ -316,12 +370,22 @@ pub fn raw_request(addr: SocketAddr, method: &str, target: &str, headers: &[(&st
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
         .collect();
-    let mut resp = RawResponse { status, headers, body: Vec::new() };
+    let mut resp = RawResponse {
+        status,
+        headers,
+        body: Vec::new(),
+    };
     resp.body = if method == "HEAD" || status == 204 || status == 304 {
         Vec::new()
-    } else if resp.header("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked")) {
+    } else if resp
+        .header("transfer-encoding")
+        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
+    {
         dechunk(rest)
-    } else if let Some(len) = resp.header("content-length").and_then(|l| l.parse::<usize>().ok()) {
+    } else if let Some(len) = resp
+        .header("content-length")
+        .and_then(|l| l.parse::<usize>().ok())
+    {
         rest[..len.min(rest.len())].to_vec()
     } else {
         rest.to_vec()
@@ -331,11 +395,12 @@ pub fn raw_request(addr: SocketAddr, method: &str, target: &str, headers: &[(&st
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else { break };
+    while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
         let size_line = String::from_utf8_lossy(&data[..eol]).into_owned();
         let size_hex = size_line.split(';').next().unwrap_or("").trim();
-        let Ok(size) = usize::from_str_radix(size_hex, 16) else { break };
+        let Ok(size) = usize::from_str_radix(size_hex, 16) else {
+            break;
+        };
         data = &data[eol + 2..];
         if size == 0 || data.len() < size {
             out.extend_from_slice(&data[..size.min(data.len())]);
