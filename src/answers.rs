@@ -2,7 +2,7 @@
 //! bytes are unit-tested without sockets. The proxy only sends them.
 
 use crate::etag::Etag;
-use crate::precondition::{IfMatch, MalformedPrecondition};
+use crate::precondition::{MalformedPrecondition, Preconditions};
 use crate::resource_key::ResourceKey;
 use http::{Method, StatusCode};
 use serde::Serialize;
@@ -28,27 +28,56 @@ struct ConflictBody<'a> {
     error: String,
 }
 
-/// A failed `If-Match`: nothing was forwarded, nothing changed.
+/// A failed precondition: nothing was forwarded, nothing changed. The seed defines the body for
+/// `If-Match`; the other preconditions keep its shape, with what they carried and why they failed.
 pub fn conflict(
     status: StatusCode,
     method: &Method,
     key: &ResourceKey,
-    carried: &IfMatch,
+    pre: &Preconditions,
     current: Option<Etag>,
 ) -> GatewayAnswer {
+    let document = key.document_name();
+    let (carried, error) = if let Some(if_match) = &pre.if_match {
+        (
+            if_match.as_reported(),
+            format!("{method} attempted on document '{document}' using a non current etag"),
+        )
+    } else if let Some(since) = pre.if_unmodified_since {
+        (
+            httpdate::fmt_http_date(since),
+            format!("{method} attempted on document '{document}' which was modified since (If-Unmodified-Since)"),
+        )
+    } else if let Some(if_none_match) = pre.if_none_match.as_ref().filter(|inm| inm.is_any()) {
+        (
+            if_none_match.as_reported(),
+            format!("{method} attempted on document '{document}' which already exists (If-None-Match: *)"),
+        )
+    } else {
+        (
+            pre.if_none_match.as_ref().map(|inm| inm.as_reported()).unwrap_or_default(),
+            format!("{method} attempted on document '{document}' whose current etag is in If-None-Match"),
+        )
+    };
     let body = ConflictBody {
         url: key.as_str(),
-        actual_etag: carried.as_reported(),
+        actual_etag: carried,
         expected_etag: current.map(|e| e.to_string()),
-        error: format!(
-            "{method} attempted on document '{}' using a non current etag",
-            key.document_name()
-        ),
+        error,
     };
     GatewayAnswer {
         status,
         etag: current,
         body: to_json(&body),
+    }
+}
+
+/// 304: the client's copy (named by `If-None-Match`) is the current state.
+pub fn not_modified(etag: Etag) -> GatewayAnswer {
+    GatewayAnswer {
+        status: StatusCode::NOT_MODIFIED,
+        etag: Some(etag),
+        body: String::new(),
     }
 }
 
@@ -130,14 +159,19 @@ fn to_json<T: Serialize>(value: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::precondition::parse_if_match;
+    use crate::precondition::{parse_if_match, TagSet};
+
+    fn if_match(value: &str) -> Preconditions {
+        Preconditions {
+            if_match: parse_if_match([value.as_bytes()]).unwrap(),
+            ..Preconditions::default()
+        }
+    }
 
     #[test]
     fn conflict_body_is_the_seeds_byte_for_byte() {
         let key = ResourceKey::from_path("/docs/bobs_address");
-        let carried = parse_if_match([&b"dd62a2e0-2744-11df-a9ff-001c251ced36"[..]])
-            .unwrap()
-            .unwrap();
+        let carried = if_match("dd62a2e0-2744-11df-a9ff-001c251ced36");
         let current = Etag::parse("ac6ca153-2745-11df-a9ff-001c251ced36").unwrap();
         let answer = conflict(
             StatusCode::CONFLICT,
@@ -157,7 +191,7 @@ mod tests {
     #[test]
     fn conflict_names_the_method_and_reports_unknown_as_null() {
         let key = ResourceKey::from_path("/docs/x");
-        let carried = parse_if_match([&b"\"abc\""[..]]).unwrap().unwrap();
+        let carried = if_match("\"abc\"");
         let answer = conflict(
             StatusCode::PRECONDITION_FAILED,
             &Method::DELETE,
@@ -181,6 +215,28 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
         assert_eq!(v["header"], "If-Match");
         assert!(v["error"].as_str().unwrap().contains("never closed"));
+
+        let create_only = Preconditions {
+            if_none_match: Some(TagSet::Any),
+            ..Preconditions::default()
+        };
+        let answer = conflict(
+            StatusCode::CONFLICT,
+            &Method::PUT,
+            &ResourceKey::from_path("/d/a"),
+            &create_only,
+            None,
+        );
+        assert!(
+            answer.body.contains("'a' which already exists"),
+            "{}",
+            answer.body
+        );
+        assert!(
+            answer.body.contains(r#""actualETag":"*""#),
+            "{}",
+            answer.body
+        );
 
         let answer = precondition_required(&Method::PUT, &ResourceKey::from_path("/a"));
         assert_eq!(answer.status.as_u16(), 428);

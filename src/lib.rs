@@ -14,3 +14,4 @@ pub mod proxy;
 pub mod resource_key;
 pub mod store;
 pub mod table;
+pub mod upstream;

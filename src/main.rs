@@ -4,6 +4,7 @@ use clap::Parser;
 use etag_gateway::config::{Cli, Config, StoreKind};
 use etag_gateway::proxy::{Gateway, GatewaySettings};
 use etag_gateway::store::{EtagStore, MemoryStore};
+use etag_gateway::upstream::Upstreams;
 use pingora::lb::LoadBalancer;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
@@ -58,12 +59,15 @@ fn run(config: Config) -> anyhow::Result<std::convert::Infallible> {
     let upstreams =
         LoadBalancer::try_from_iter(config.upstream.servers.iter().map(|u| u.address()))
             .map_err(|e| anyhow::anyhow!("cannot resolve the upstream addresses: {e}"))?;
+    let upstreams = Upstreams::new(
+        upstreams,
+        config.upstream.connect_timeout,
+        config.upstream.read_timeout,
+    );
     let settings = GatewaySettings {
         conflict_status: config.policy.conflict_status,
         require_if_match: config.policy.require_if_match,
         guarded_methods: config.policy.guarded_methods.clone(),
-        connect_timeout: config.upstream.connect_timeout,
-        read_timeout: config.upstream.read_timeout,
         unknown_outcome_hold: config.upstream.timeout_hold,
     };
 

@@ -1,12 +1,13 @@
 //! Conditional request headers: parsing and evaluation against the table's current etag.
 //!
-//! Grammar (RFC 9110 §8.8.3, §13.1.1): `If-Match = "*" / #entity-tag`, `entity-tag = [ "W/" ] DQUOTE
-//! *etagc DQUOTE`. RavenDB clients send the etag without quotes (`If-Match:dd62a2e0-…`), so a bare
+//! Grammar (RFC 9110 §8.8.3, §13.1.1-2): `If-Match = "*" / #entity-tag` (likewise If-None-Match),
+//! `entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE`. RavenDB clients send the etag without quotes (`If-Match:dd62a2e0-…`), so a bare
 //! token is accepted as a strong tag too. Anything else is malformed: the request is answered 400
 //! and nothing is forwarded, because guessing what a broken precondition meant could let a write through.
 
 use crate::etag::Etag;
 use std::fmt;
+use std::time::SystemTime;
 
 /// One entity tag as a client sent it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,33 +23,55 @@ impl EntityTag {
     }
 }
 
-/// The value of an `If-Match` header.
+/// The value of an `If-Match` or `If-None-Match` header.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum IfMatch {
-    /// `*`: true when the resource exists.
+pub enum TagSet {
+    /// `*`: matches when the resource exists.
     Any,
-    /// A non-empty list; true when one of them strongly matches the current etag.
+    /// A non-empty list.
     Tags(Vec<EntityTag>),
 }
 
-impl IfMatch {
-    /// Evaluates the precondition against the etag the table vouches for now (`None`: the gateway
-    /// knows no current state, so nothing can match).
+/// `If-Match` is evaluated with strong comparison.
+pub type IfMatch = TagSet;
+/// `If-None-Match` is evaluated with weak comparison.
+pub type IfNoneMatch = TagSet;
+
+impl TagSet {
+    /// `If-Match` (strong comparison) against the etag the table vouches for now (`None`: the
+    /// gateway knows no current state, so nothing can match).
     pub fn is_satisfied_by(&self, current: Option<&Etag>) -> bool {
         match (self, current) {
             (_, None) => false,
-            (IfMatch::Any, Some(_)) => true,
-            (IfMatch::Tags(tags), Some(etag)) => tags.iter().any(|t| t.strong_match(etag)),
+            (TagSet::Any, Some(_)) => true,
+            (TagSet::Tags(tags), Some(etag)) => tags.iter().any(|t| t.strong_match(etag)),
         }
+    }
+
+    /// `If-None-Match` (weak comparison: `W/"x"` matches `"x"`): true when one tag names the
+    /// current state, i.e. when the condition *fails*.
+    pub fn matches_weakly(&self, current: Option<&Etag>) -> bool {
+        match (self, current) {
+            (_, None) => false,
+            (TagSet::Any, Some(_)) => true,
+            (TagSet::Tags(tags), Some(etag)) => {
+                tags.iter().any(|t| Etag::parse(&t.opaque) == Some(*etag))
+            }
+        }
+    }
+
+    /// Whether this is the list form (not `*`).
+    pub fn is_any(&self) -> bool {
+        matches!(self, TagSet::Any)
     }
 
     /// How the conflict body reports what the request carried (`actualETag`): the bare value for one
     /// tag, as RavenDB prints it; the list as sent otherwise.
     pub fn as_reported(&self) -> String {
         match self {
-            IfMatch::Any => "*".to_string(),
-            IfMatch::Tags(tags) if tags.len() == 1 && !tags[0].weak => tags[0].opaque.clone(),
-            IfMatch::Tags(tags) => tags
+            TagSet::Any => "*".to_string(),
+            TagSet::Tags(tags) if tags.len() == 1 && !tags[0].weak => tags[0].opaque.clone(),
+            TagSet::Tags(tags) => tags
                 .iter()
                 .map(|t| format!("{}\"{}\"", if t.weak { "W/" } else { "" }, t.opaque))
                 .collect::<Vec<_>>()
@@ -70,6 +93,44 @@ impl fmt::Display for MalformedPrecondition {
     }
 }
 
+/// The conditional headers of one request that the gateway evaluates.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Preconditions {
+    pub if_match: Option<IfMatch>,
+    pub if_none_match: Option<IfNoneMatch>,
+    /// Already `None` when If-Match is present (RFC 9110 §13.1.4: then it must be ignored) or when
+    /// the value is not a valid HTTP-date (likewise ignored).
+    pub if_unmodified_since: Option<SystemTime>,
+}
+
+impl Preconditions {
+    /// Reads If-Match, If-None-Match and If-Unmodified-Since from request headers.
+    pub fn from_headers(headers: &http::HeaderMap) -> Result<Preconditions, MalformedPrecondition> {
+        let lines = |name| headers.get_all(name).into_iter().map(|v| v.as_bytes());
+        let if_match = parse_if_match(lines(http::header::IF_MATCH))?;
+        let if_none_match = parse_if_none_match(lines(http::header::IF_NONE_MATCH))?;
+        let if_unmodified_since = match if_match {
+            Some(_) => None,
+            None => headers
+                .get(http::header::IF_UNMODIFIED_SINCE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| httpdate::parse_http_date(v).ok()),
+        };
+        Ok(Preconditions {
+            if_match,
+            if_none_match,
+            if_unmodified_since,
+        })
+    }
+
+    /// No precondition at all: the write is last-one-wins.
+    pub fn is_empty(&self) -> bool {
+        self.if_match.is_none()
+            && self.if_none_match.is_none()
+            && self.if_unmodified_since.is_none()
+    }
+}
+
 /// Parses every `If-Match` field line of a request (several lines form one list). `Ok(None)` when the
 /// request has none.
 pub fn parse_if_match<'a>(
@@ -78,10 +139,17 @@ pub fn parse_if_match<'a>(
     parse_tag_list("If-Match", values)
 }
 
+/// Parses every `If-None-Match` field line of a request.
+pub fn parse_if_none_match<'a>(
+    values: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Option<IfNoneMatch>, MalformedPrecondition> {
+    parse_tag_list("If-None-Match", values)
+}
+
 fn parse_tag_list<'a>(
     header: &'static str,
     values: impl IntoIterator<Item = &'a [u8]>,
-) -> Result<Option<IfMatch>, MalformedPrecondition> {
+) -> Result<Option<TagSet>, MalformedPrecondition> {
     let malformed = |reason: String| MalformedPrecondition { header, reason };
     let mut seen_header = false;
     let mut any = false;
@@ -121,11 +189,11 @@ fn parse_tag_list<'a>(
         return Ok(None);
     }
     match (any, tags.is_empty()) {
-        (true, true) => Ok(Some(IfMatch::Any)),
+        (true, true) => Ok(Some(TagSet::Any)),
         (true, false) => Err(malformed(
             "\"*\" cannot be combined with entity tags".into(),
         )),
-        (false, false) => Ok(Some(IfMatch::Tags(tags))),
+        (false, false) => Ok(Some(TagSet::Tags(tags))),
         (false, true) => Err(malformed(
             "the header is empty; send an etag, e.g. \"3f1c…\", or *".into(),
         )),
@@ -276,6 +344,49 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(list.is_satisfied_by(Some(&current)));
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly() {
+        let current = Etag::fresh();
+        let weak = parse(&[&format!("W/{}", current.header_value())])
+            .unwrap()
+            .unwrap();
+        assert!(weak.matches_weakly(Some(&current)));
+        assert!(!weak.matches_weakly(None));
+        assert!(TagSet::Any.matches_weakly(Some(&current)));
+        assert!(!TagSet::Any.matches_weakly(None));
+        let other = parse(&["\"zzz\""]).unwrap().unwrap();
+        assert!(!other.matches_weakly(Some(&current)));
+    }
+
+    #[test]
+    fn preconditions_from_headers() {
+        let mut h = http::HeaderMap::new();
+        h.insert("if-none-match", "*".parse().unwrap());
+        h.insert(
+            "if-unmodified-since",
+            "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap(),
+        );
+        let p = Preconditions::from_headers(&h).unwrap();
+        assert_eq!(p.if_none_match, Some(TagSet::Any));
+        assert!(p.if_unmodified_since.is_some());
+        // If-Unmodified-Since is ignored when If-Match is present, and when it is not a date
+        h.insert("if-match", "\"a\"".parse().unwrap());
+        assert_eq!(
+            Preconditions::from_headers(&h).unwrap().if_unmodified_since,
+            None
+        );
+        let mut h = http::HeaderMap::new();
+        h.insert("if-unmodified-since", "yesterday".parse().unwrap());
+        let p = Preconditions::from_headers(&h).unwrap();
+        assert!(p.is_empty());
+        let mut h = http::HeaderMap::new();
+        h.insert("if-none-match", "\"open".parse().unwrap());
+        assert_eq!(
+            Preconditions::from_headers(&h).unwrap_err().header,
+            "If-None-Match"
+        );
     }
 
     #[test]

@@ -1,60 +1,57 @@
 //! The Pingora glue: hooks that feed requests to the rules and send back what they decide.
 //!
 //! Flow of one request:
-//! - `request_filter`: read `If-Match`; a write is checked and reserved in one store step, a read
-//!   notes the entry's version. Refused or malformed requests are answered here; nothing is forwarded.
+//! - `request_filter`: read the conditional headers; a write is checked and reserved in one store
+//!   step, a read notes the entry's version (and may be answered 304 from the table). Refused or
+//!   malformed requests are answered here; nothing is forwarded.
 //! - `upstream_request_filter`: conditional headers carrying gateway etags are removed (the backend
-//!   does not know them); from here on, bytes may reach the backend.
-//! - `upstream_response_filter`: the backend's `ETag` is replaced by the gateway's; a write is settled
-//!   by its status (2xx applied, 4xx not applied, anything else unknown).
+//!   does not know them) and replaced by the backend's own validators where the gateway knows them;
+//!   from here on, bytes may reach the backend.
+//! - `upstream_response_filter`: the backend's `ETag` is recorded and replaced by the gateway's; a
+//!   write is settled by its status (2xx applied, 4xx not applied, 412 to the backend's own
+//!   precondition: changed behind the gateway, anything else unknown).
 //! - `logging`: a write that got no answer is settled (nothing sent: not applied; else unknown); an etag
 //!   handed out for an answer that then broke off is withdrawn.
 //! - `error_while_proxy`: a write is never retried once bytes may have been sent.
 
 use crate::answers::{self, GatewayAnswer};
 use crate::etag::Etag;
-use crate::precondition::parse_if_match;
+use crate::precondition::Preconditions;
 use crate::resource_key::ResourceKey;
 use crate::store::EtagStore;
-use crate::table::{ReadTicket, Refusal, WriteOutcome, WriteTicket};
+use crate::table::{BackendValidator, ReadStart, ReadTicket, Refusal, WriteOutcome, WriteTicket};
+use crate::upstream::{Existence, Upstreams};
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::{header, Method, StatusCode};
+use http::{header, HeaderMap, Method, StatusCode};
 use pingora::http::ResponseHeader;
-use pingora::lb::{selection::RoundRobin, LoadBalancer};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// What the proxy needs to know about its policy and upstreams.
+/// What the proxy needs to know about its policy.
 pub struct GatewaySettings {
     pub conflict_status: StatusCode,
     pub require_if_match: bool,
     pub guarded_methods: Vec<Method>,
-    pub connect_timeout: Duration,
-    pub read_timeout: Duration,
-    /// How long a write that got no answer (timeout, reset) keeps its resource locked before it is
-    /// settled as unknown. The backend may still be working on it: until it is settled, reads get no
-    /// etag and conditional writes are refused, so a late apply cannot overwrite a newer write.
+    /// How long a write that timed out keeps its resource locked before it is settled as unknown.
+    /// The backend may still be working on it: until it is settled, reads get no etag and
+    /// conditional writes are refused, so a late apply cannot overwrite a newer write.
     pub unknown_outcome_hold: Duration,
 }
 
-/// Idle upstream connections are dropped before common backend keep-alive timeouts (Node: 5 s) close
-/// them: a write sent on a connection the backend is closing has an unknown outcome.
-const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-
 pub struct Gateway {
     store: Arc<dyn EtagStore>,
-    upstreams: Arc<LoadBalancer<RoundRobin>>,
+    upstreams: Arc<Upstreams>,
     settings: GatewaySettings,
 }
 
 impl Gateway {
     pub fn new(
         store: Arc<dyn EtagStore>,
-        upstreams: Arc<LoadBalancer<RoundRobin>>,
+        upstreams: Arc<Upstreams>,
         settings: GatewaySettings,
     ) -> Gateway {
         Gateway {
@@ -89,14 +86,21 @@ impl Drop for PendingWrite {
 #[derive(Default)]
 pub struct RequestCtx {
     key: Option<ResourceKey>,
+    preconditions: Preconditions,
     /// The request may change the resource (any method but GET, HEAD, OPTIONS, TRACE).
     is_write: bool,
     read: Option<ReadTicket>,
+    /// Ask the backend with its own validator (the client's copy is the current state).
+    revalidate: Option<BackendValidator>,
     write: Option<PendingWrite>,
+    /// The backend's validator sent along with a write as the backend's own precondition.
+    backend_precondition: Option<BackendValidator>,
     /// Bytes may have reached the backend.
     sent_to_backend: bool,
     /// The etag given in a write's 2xx answer; withdrawn if that answer breaks off.
     handed_out: Option<Etag>,
+    /// An answer decided after the backend answered (its 412 becomes the gateway's conflict).
+    late_answer: Option<GatewayAnswer>,
 }
 
 fn changes_nothing(method: &Method) -> bool {
@@ -107,7 +111,11 @@ fn changes_nothing(method: &Method) -> bool {
 }
 
 /// What a backend's status says about a forwarded write.
-fn write_outcome(method: &Method, status: StatusCode) -> WriteOutcome {
+fn write_outcome(
+    method: &Method,
+    status: StatusCode,
+    sent_backend_precondition: bool,
+) -> WriteOutcome {
     if status.is_success() {
         // After DELETE the resource is gone; after POST the target collection changed to a state
         // whose content the gateway never saw. Neither can be named by an etag.
@@ -116,6 +124,8 @@ fn write_outcome(method: &Method, status: StatusCode) -> WriteOutcome {
         } else {
             WriteOutcome::Applied(Etag::fresh())
         }
+    } else if status == StatusCode::PRECONDITION_FAILED && sent_backend_precondition {
+        WriteOutcome::ChangedBehind
     } else if status.is_client_error() {
         WriteOutcome::NotApplied
     } else {
@@ -123,14 +133,31 @@ fn write_outcome(method: &Method, status: StatusCode) -> WriteOutcome {
     }
 }
 
+/// The backend's own validators in its answer.
+fn backend_validator(headers: &HeaderMap) -> BackendValidator {
+    BackendValidator {
+        etag: headers
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        last_modified: headers
+            .get(header::LAST_MODIFIED)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok()),
+    }
+}
+
 async fn send_answer(session: &mut Session, answer: GatewayAnswer) -> Result<()> {
+    let has_body = !answer.body.is_empty();
     let mut h = ResponseHeader::build(answer.status, Some(4))?;
-    h.insert_header("Content-Type", "application/json")?;
-    h.insert_header("Content-Length", answer.body.len().to_string())?;
+    if has_body {
+        h.insert_header("Content-Type", "application/json")?;
+        h.insert_header("Content-Length", answer.body.len().to_string())?;
+    }
     if let Some(etag) = answer.etag {
         h.insert_header("ETag", etag.header_value())?;
     }
-    let head_only = session.req_header().method == Method::HEAD;
+    let head_only = session.req_header().method == Method::HEAD || !has_body;
     session
         .write_response_header(Box::new(h), head_only)
         .await?;
@@ -147,14 +174,14 @@ impl Gateway {
         &self,
         method: &Method,
         key: &ResourceKey,
-        carried: &crate::precondition::IfMatch,
+        pre: &Preconditions,
         refusal: Refusal,
     ) -> GatewayAnswer {
         answers::conflict(
             self.settings.conflict_status,
             method,
             key,
-            carried,
+            pre,
             refusal.current,
         )
     }
@@ -164,62 +191,95 @@ impl Gateway {
         let req = session.req_header();
         let method = &req.method;
         let key = ResourceKey::from_path(req.uri.path());
-        let if_match = match parse_if_match(
-            req.headers
-                .get_all(header::IF_MATCH)
-                .iter()
-                .map(|v| v.as_bytes()),
-        ) {
+        ctx.key = Some(key.clone());
+        ctx.preconditions = match Preconditions::from_headers(&req.headers) {
             Ok(p) => p,
             Err(e) => return Some(answers::malformed(&e)),
         };
+        let pre = &ctx.preconditions;
         ctx.is_write = !changes_nothing(method);
-        let decision = if !ctx.is_write {
-            let refused = match &if_match {
-                Some(pre) => match self.store.check(&key, pre).await {
-                    Ok(r) => r
-                        .err()
-                        .map(|refusal| self.conflict(method, &key, pre, refusal)),
-                    Err(e) => Some(answers::store_unavailable(&e.to_string())),
-                },
-                None => None,
-            };
-            if refused.is_none() && matches!(*method, Method::GET | Method::HEAD) {
-                match self.store.begin_read(&key).await {
-                    Ok(ticket) => ctx.read = Some(ticket),
+        if !ctx.is_write {
+            if let Some(if_match) = &pre.if_match {
+                match self.store.check(&key, if_match).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(refusal)) => return Some(self.conflict(method, &key, pre, refusal)),
                     Err(e) => return Some(answers::store_unavailable(&e.to_string())),
                 }
             }
-            refused
-        } else if if_match.is_none()
+            if !matches!(*method, Method::GET | Method::HEAD) {
+                return None;
+            }
+            return match self
+                .store
+                .begin_read(&key, pre.if_none_match.as_ref())
+                .await
+            {
+                Ok(ReadStart::NotModified(etag)) => Some(answers::not_modified(etag)),
+                Ok(ReadStart::Forward { ticket, revalidate }) => {
+                    ctx.read = Some(ticket);
+                    ctx.revalidate = revalidate;
+                    None
+                }
+                Err(e) => Some(answers::store_unavailable(&e.to_string())),
+            };
+        }
+        let creates_only = pre.if_none_match.as_ref().is_some_and(|inm| inm.is_any());
+        if pre.if_match.is_none()
+            && !creates_only
             && self.settings.require_if_match
             && self.settings.guarded_methods.contains(method)
         {
-            Some(answers::precondition_required(method, &key))
-        } else {
-            match self.store.reserve_write(&key, if_match.as_ref()).await {
-                Ok(Ok(ticket)) => {
-                    ctx.write = Some(PendingWrite {
-                        ticket: Some(ticket),
-                        store: self.store.clone(),
-                    });
-                    None
-                }
-                Ok(Err(refusal)) => {
-                    // if_match is Some: a write without precondition is never refused
-                    let carried = if_match.as_ref()?;
-                    Some(self.conflict(method, &key, carried, refusal))
-                }
-                Err(e) => Some(answers::store_unavailable(&e.to_string())),
-            }
+            return Some(answers::precondition_required(method, &key));
+        }
+        let reservation = match self.store.reserve_write(&key, pre).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(refusal)) => return Some(self.conflict(method, &key, pre, refusal)),
+            Err(e) => return Some(answers::store_unavailable(&e.to_string())),
         };
-        ctx.key = Some(key);
-        decision
+        let mut pending = PendingWrite {
+            ticket: Some(reservation.ticket),
+            store: self.store.clone(),
+        };
+        if reservation.probe_existence {
+            let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+            let host = req.headers.get(header::HOST).map(|h| h.as_bytes());
+            let existence = self.upstreams.probe(path, host).await;
+            if existence != Existence::Absent {
+                if let Some(ticket) = pending.take() {
+                    let _ = self
+                        .store
+                        .settle_write(
+                            ticket,
+                            WriteOutcome::NotApplied,
+                            BackendValidator::default(),
+                        )
+                        .await;
+                }
+                return Some(match existence {
+                    Existence::Exists => {
+                        self.conflict(method, &key, pre, Refusal { current: None })
+                    }
+                    _ => answers::upstream_failed(
+                        StatusCode::BAD_GATEWAY,
+                        "could not tell whether the resource exists (If-None-Match: *)",
+                        false,
+                    ),
+                });
+            }
+        }
+        ctx.backend_precondition = reservation.backend_precondition;
+        ctx.write = Some(pending);
+        None
     }
 
-    async fn settle(&self, ctx: &mut RequestCtx, outcome: WriteOutcome) -> Option<Etag> {
+    async fn settle(
+        &self,
+        ctx: &mut RequestCtx,
+        outcome: WriteOutcome,
+        validator: BackendValidator,
+    ) -> Option<Etag> {
         let ticket = ctx.write.as_mut()?.take()?;
-        match self.store.settle_write(ticket, outcome).await {
+        match self.store.settle_write(ticket, outcome, validator).await {
             Ok(etag) => etag,
             Err(e) => {
                 // The store's lease on the reservation expires into "unknown": still safe.
@@ -227,6 +287,55 @@ impl Gateway {
                 None
             }
         }
+    }
+
+    /// Settles a write from the backend's answer; the etag for the client, if any.
+    async fn settle_from_response(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        validator: BackendValidator,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Etag>> {
+        let method = &session.req_header().method;
+        let sent_precondition =
+            ctx.backend_precondition.is_some() || ctx.preconditions.if_unmodified_since.is_some();
+        let outcome = write_outcome(method, resp.status, sent_precondition);
+        let etag = self.settle(ctx, outcome, validator.clone()).await;
+        if outcome == WriteOutcome::ChangedBehind {
+            // The backend refused the state the client named: the client's etag is stale. Answer with
+            // the gateway's conflict, not the backend's 412.
+            let key = ctx
+                .key
+                .clone()
+                .unwrap_or_else(|| ResourceKey::from_path("/"));
+            ctx.late_answer =
+                Some(self.conflict(method, &key, &ctx.preconditions, Refusal { current: None }));
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(self.settings.conflict_status.as_u16()),
+                "changed behind the gateway",
+            ));
+        }
+        if *method == Method::POST
+            && resp.status.is_success()
+            && self.settings.guarded_methods.contains(method)
+        {
+            // A POST that created a resource: the created resource holds what was sent.
+            let created = resp
+                .headers
+                .get(header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| l.parse::<http::Uri>().ok())
+                .map(|uri| ResourceKey::from_path(uri.path()));
+            if let Some(created) = created {
+                return Ok(self
+                    .store
+                    .register_created(&created, validator)
+                    .await
+                    .unwrap_or(None));
+            }
+        }
+        Ok(etag)
     }
 }
 
@@ -254,16 +363,7 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         _ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let backend = self
-            .upstreams
-            .select(b"", 256)
-            .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no upstream available"))?;
-        let mut peer = HttpPeer::new(backend.addr.to_string(), false, String::new());
-        peer.options.connection_timeout = Some(self.settings.connect_timeout);
-        peer.options.read_timeout = Some(self.settings.read_timeout);
-        peer.options.write_timeout = Some(self.settings.read_timeout);
-        peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
-        Ok(Box::new(peer))
+        self.upstreams.peer().map(Box::new)
     }
 
     async fn upstream_request_filter(
@@ -276,6 +376,38 @@ impl ProxyHttp for Gateway {
         upstream_request.remove_header(&header::IF_MATCH);
         upstream_request.remove_header(&header::IF_NONE_MATCH);
         upstream_request.remove_header(&header::IF_RANGE);
+        let pre = &ctx.preconditions;
+        if pre.if_none_match.is_some() {
+            // RFC 9110 §13.1.3: If-Modified-Since is ignored when If-None-Match is present.
+            upstream_request.remove_header(&header::IF_MODIFIED_SINCE);
+        }
+        if pre.if_match.is_some() {
+            // §13.1.4: If-Unmodified-Since is ignored when If-Match is present.
+            upstream_request.remove_header(&header::IF_UNMODIFIED_SINCE);
+        }
+        if ctx.is_write && pre.if_none_match.as_ref().is_some_and(|inm| inm.is_any()) {
+            // Create-only carries no gateway etag: a backend that checks it closes the window too.
+            upstream_request.insert_header(header::IF_NONE_MATCH, "*")?;
+        }
+        // The backend's own validators, where the gateway knows them.
+        if let Some(v) = ctx.backend_precondition.as_ref() {
+            if let Some(etag) = &v.etag {
+                upstream_request.insert_header(header::IF_MATCH, etag.as_str())?;
+            } else if let Some(modified) = v.last_modified {
+                upstream_request.insert_header(
+                    header::IF_UNMODIFIED_SINCE,
+                    httpdate::fmt_http_date(modified),
+                )?;
+            }
+        }
+        if let Some(v) = ctx.revalidate.as_ref() {
+            if let Some(etag) = &v.etag {
+                upstream_request.insert_header(header::IF_NONE_MATCH, etag.as_str())?;
+            } else if let Some(modified) = v.last_modified {
+                upstream_request
+                    .insert_header(header::IF_MODIFIED_SINCE, httpdate::fmt_http_date(modified))?;
+            }
+        }
         ctx.sent_to_backend = true;
         Ok(())
     }
@@ -289,14 +421,12 @@ impl ProxyHttp for Gateway {
         if resp.status.is_informational() {
             return Ok(());
         }
+        let validator = backend_validator(&resp.headers);
         // Clients only ever see gateway etags.
         resp.remove_header(&header::ETAG);
         let etag = if let Some(read) = ctx.read.take() {
-            match self
-                .store
-                .finish_read(&read, resp.status.is_success())
-                .await
-            {
+            let success = resp.status.is_success() || resp.status == StatusCode::NOT_MODIFIED;
+            match self.store.finish_read(&read, success, validator).await {
                 Ok(etag) => etag,
                 Err(e) => {
                     tracing::warn!(error = %e, "read finished without an etag");
@@ -304,8 +434,9 @@ impl ProxyHttp for Gateway {
                 }
             }
         } else if ctx.write.is_some() {
-            let outcome = write_outcome(&session.req_header().method, resp.status);
-            let etag = self.settle(ctx, outcome).await;
+            let etag = self
+                .settle_from_response(session, resp, validator, ctx)
+                .await?;
             ctx.handed_out = etag;
             etag
         } else {
@@ -315,6 +446,11 @@ impl ProxyHttp for Gateway {
             resp.insert_header("ETag", etag.header_value())?;
         }
         Ok(())
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, _error: &Error) -> bool {
+        // A backend 412 turned into the gateway's conflict is an answer, not a failure.
+        ctx.late_answer.is_some()
     }
 
     fn error_while_proxy(
@@ -342,6 +478,19 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        let writable = session.as_downstream().response_written().is_none();
+        if let Some(answer) = ctx.late_answer.take() {
+            let code = answer.status.as_u16();
+            if writable {
+                if let Err(err) = send_answer(session, answer).await {
+                    tracing::debug!(error = %err, "could not send the answer");
+                }
+            }
+            return FailToProxy {
+                error_code: code,
+                can_reuse_downstream: false,
+            };
+        }
         let code = match (e.esource(), e.etype()) {
             (_, ErrorType::HTTPStatus(code)) => *code,
             (ErrorSource::Upstream, ErrorType::ReadTimedout | ErrorType::WriteTimedout) => 504,
@@ -354,7 +503,6 @@ impl ProxyHttp for Gateway {
             (ErrorSource::Downstream, _) => 400,
             (ErrorSource::Internal | ErrorSource::Unset, _) => 500,
         };
-        let writable = session.as_downstream().response_written().is_none();
         if code > 0 && writable {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
             let unknown = ctx.is_write && ctx.sent_to_backend;
@@ -383,10 +531,12 @@ impl ProxyHttp for Gateway {
             });
             if !ctx.sent_to_backend {
                 // Nothing reached the backend: nothing happened.
-                self.settle(ctx, WriteOutcome::NotApplied).await;
+                self.settle(ctx, WriteOutcome::NotApplied, BackendValidator::default())
+                    .await;
             } else if !timed_out {
                 // Reset or closed: the backend stopped talking; whatever it did is done.
-                self.settle(ctx, WriteOutcome::Unknown).await;
+                self.settle(ctx, WriteOutcome::Unknown, BackendValidator::default())
+                    .await;
             } else if let Some(pending) = ctx.write.take() {
                 // Timed out: the backend may still be working on it and apply it late. Hold the
                 // reservation a while before settling as unknown. If the runtime stops first, Drop
@@ -396,11 +546,15 @@ impl ProxyHttp for Gateway {
                     tokio::time::sleep(hold).await;
                     let mut pending = pending;
                     if let Some(ticket) = pending.take() {
-                        if let Err(e) = pending
+                        let settled = pending
                             .store
-                            .settle_write(ticket, WriteOutcome::Unknown)
-                            .await
-                        {
+                            .settle_write(
+                                ticket,
+                                WriteOutcome::Unknown,
+                                BackendValidator::default(),
+                            )
+                            .await;
+                        if let Err(e) = settled {
                             tracing::error!(error = %e, "could not settle a write");
                         }
                     }
@@ -428,38 +582,28 @@ mod tests {
 
     #[test]
     fn outcome_of_a_write_follows_its_status() {
+        let put = |code: u16, sent: bool| {
+            write_outcome(&Method::PUT, StatusCode::from_u16(code).unwrap(), sent)
+        };
+        assert!(matches!(put(200, false), WriteOutcome::Applied(_)));
         assert!(matches!(
-            write_outcome(&Method::PUT, StatusCode::OK),
-            WriteOutcome::Applied(_)
-        ));
-        assert!(matches!(
-            write_outcome(&Method::PATCH, StatusCode::CREATED),
+            write_outcome(&Method::PATCH, StatusCode::CREATED, false),
             WriteOutcome::Applied(_)
         ));
         assert_eq!(
-            write_outcome(&Method::DELETE, StatusCode::NO_CONTENT),
+            write_outcome(&Method::DELETE, StatusCode::NO_CONTENT, false),
             WriteOutcome::AppliedUnnamed
         );
         assert_eq!(
-            write_outcome(&Method::POST, StatusCode::CREATED),
+            write_outcome(&Method::POST, StatusCode::CREATED, false),
             WriteOutcome::AppliedUnnamed
         );
-        assert_eq!(
-            write_outcome(&Method::PUT, StatusCode::NOT_FOUND),
-            WriteOutcome::NotApplied
-        );
-        assert_eq!(
-            write_outcome(&Method::PUT, StatusCode::INTERNAL_SERVER_ERROR),
-            WriteOutcome::Unknown
-        );
-        assert_eq!(
-            write_outcome(&Method::PUT, StatusCode::BAD_GATEWAY),
-            WriteOutcome::Unknown
-        );
-        assert_eq!(
-            write_outcome(&Method::PUT, StatusCode::MOVED_PERMANENTLY),
-            WriteOutcome::Unknown
-        );
+        assert_eq!(put(404, false), WriteOutcome::NotApplied);
+        assert_eq!(put(412, false), WriteOutcome::NotApplied);
+        assert_eq!(put(412, true), WriteOutcome::ChangedBehind);
+        assert_eq!(put(500, false), WriteOutcome::Unknown);
+        assert_eq!(put(502, false), WriteOutcome::Unknown);
+        assert_eq!(put(301, false), WriteOutcome::Unknown);
     }
 
     #[test]
@@ -476,5 +620,19 @@ mod tests {
         ] {
             assert!(!changes_nothing(&m));
         }
+    }
+
+    #[test]
+    fn backend_validators_are_read_from_its_answer() {
+        let mut h = HeaderMap::new();
+        assert!(backend_validator(&h).is_empty());
+        h.insert(header::ETAG, "\"rev-3\"".parse().unwrap());
+        h.insert(
+            header::LAST_MODIFIED,
+            "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap(),
+        );
+        let v = backend_validator(&h);
+        assert_eq!(v.etag.as_deref(), Some("\"rev-3\""));
+        assert!(v.last_modified.is_some());
     }
 }

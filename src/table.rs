@@ -12,13 +12,32 @@
 //! reservation (a forgotten reservation would let a read hand out an etag while the write is pending).
 //! Idle entries live in the bounded LRU; evicting one is safe because an unknown resource matches no
 //! `If-Match`.
+//!
+//! The backend's own validator (its `ETag`, its `Last-Modified`) is recorded per entry: a read that
+//! shows a different one reveals a change made behind the gateway, and the etag is rotated before it is
+//! handed out.
 
 use crate::etag::Etag;
-use crate::precondition::IfMatch;
+use crate::precondition::{IfMatch, IfNoneMatch, Preconditions};
 use crate::resource_key::ResourceKey;
 use lru::LruCache;
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
+use std::time::SystemTime;
+
+/// The backend's own validators for one state of a resource, as its answer carried them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendValidator {
+    /// The backend's `ETag` header value, as sent (quotes included).
+    pub etag: Option<String>,
+    pub last_modified: Option<SystemTime>,
+}
+
+impl BackendValidator {
+    pub fn is_empty(&self) -> bool {
+        self.etag.is_none() && self.last_modified.is_none()
+    }
+}
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -29,6 +48,23 @@ struct Entry {
     /// so a re-created entry never repeats an old version.
     version: u64,
     writes_in_flight: u32,
+    /// The backend's validator for the state `etag` names (empty when it sends none or is unknown).
+    backend: BackendValidator,
+}
+
+impl Entry {
+    fn new(version: u64) -> Entry {
+        Entry {
+            etag: None,
+            version,
+            writes_in_flight: 0,
+            backend: BackendValidator::default(),
+        }
+    }
+
+    fn settled(&self) -> bool {
+        self.writes_in_flight == 0
+    }
 }
 
 /// Taken when a read starts; tells at its end whether a write overlapped it.
@@ -36,6 +72,20 @@ struct Entry {
 pub struct ReadTicket {
     pub key: ResourceKey,
     version: u64,
+}
+
+/// How a read goes on.
+#[derive(Debug, Clone)]
+pub enum ReadStart {
+    /// `If-None-Match` names the current state and the backend has no validator of its own: the
+    /// table alone knows the answer is 304.
+    NotModified(Etag),
+    /// Forward the read. With `revalidate`, the client's copy is the current state: ask the backend
+    /// with its own validator, so that it can answer 304 cheaply.
+    Forward {
+        ticket: ReadTicket,
+        revalidate: Option<BackendValidator>,
+    },
 }
 
 /// A reservation for one write; settle it exactly once.
@@ -46,6 +96,18 @@ pub struct WriteTicket {
     version: u64,
     /// The etag to put back if the write certainly did not happen.
     etag_before: Option<Etag>,
+}
+
+/// A write let through.
+#[derive(Debug)]
+pub struct Reservation {
+    pub ticket: WriteTicket,
+    /// `If-None-Match: *` on a resource the gateway knows nothing of: ask the backend whether it
+    /// exists before forwarding (the reservation keeps others out meanwhile).
+    pub probe_existence: bool,
+    /// The backend's validator of the state the precondition named: sent along as the backend's own
+    /// precondition, so that a backend that checks it refuses a change made behind the gateway.
+    pub backend_precondition: Option<BackendValidator>,
 }
 
 /// A write (or `If-Match` on a read) the table refuses; `current` is what it vouches for now.
@@ -65,6 +127,9 @@ pub enum WriteOutcome {
     NotApplied,
     /// 5xx, timeout, reset, truncated answer, gateway stopped: the write may or may not have happened.
     Unknown,
+    /// The backend refused the precondition it was sent (412): the resource changed behind the
+    /// gateway. Not applied, and the state the gateway knew is gone.
+    ChangedBehind,
 }
 
 pub struct EtagTable {
@@ -113,37 +178,51 @@ impl EtagTable {
     }
 
     /// A read starts. An unknown resource gets a placeholder entry now, so that a write starting
-    /// during the read is seen at its end.
-    pub fn begin_read(&mut self, key: &ResourceKey) -> ReadTicket {
-        let version = match self.busy.get(key) {
-            Some(e) => e.version,
-            None => match self.idle.get(key) {
-                Some(e) => e.version,
-                None => {
-                    let version = self.next_version();
-                    let placeholder = Entry {
-                        etag: None,
-                        version,
-                        writes_in_flight: 0,
-                    };
-                    self.idle.push(key.clone(), placeholder);
-                    version
-                }
-            },
+    /// during the read is seen at its end. `If-None-Match` (weak comparison) is evaluated here.
+    pub fn begin_read(
+        &mut self,
+        key: &ResourceKey,
+        if_none_match: Option<&IfNoneMatch>,
+    ) -> ReadStart {
+        if self.peek(key).is_none() {
+            let version = self.next_version();
+            self.idle.push(key.clone(), Entry::new(version));
+        }
+        let entry = match self.busy.get(key) {
+            Some(e) => e,
+            // promotes the entry in the LRU: reads keep resources alive
+            None => self.idle.get(key).expect("inserted above"),
         };
-        ReadTicket {
-            key: key.clone(),
-            version,
+        let client_copy_is_current = entry.settled()
+            && if_none_match.is_some_and(|inm| inm.matches_weakly(entry.etag.as_ref()));
+        let revalidate = match (client_copy_is_current, entry.etag) {
+            (true, Some(etag)) if entry.backend.is_empty() => return ReadStart::NotModified(etag),
+            (true, _) => Some(entry.backend.clone()),
+            (false, _) => None,
+        };
+        ReadStart::Forward {
+            ticket: ReadTicket {
+                key: key.clone(),
+                version: entry.version,
+            },
+            revalidate,
         }
     }
 
-    /// A read's answer arrived. For a 2xx answer, returns the etag that names the body just read, or
-    /// `None` when a write overlapped the read (the body may be older or newer than any etag).
-    /// A non-2xx answer creates no entry and returns `None`.
-    pub fn finish_read(&mut self, ticket: &ReadTicket, answered_2xx: bool) -> Option<Etag> {
+    /// A read's answer arrived. `success`: 2xx, or 304 to a revalidation. Returns the etag that names
+    /// the body just read, or `None` when a write overlapped the read (the body may be older or newer
+    /// than any etag). If the backend's validator differs from the one recorded, the resource changed
+    /// behind the gateway: the etag is rotated first, so the one from before stops matching.
+    /// A failed answer creates no entry and returns `None`.
+    pub fn finish_read(
+        &mut self,
+        ticket: &ReadTicket,
+        success: bool,
+        validator: BackendValidator,
+    ) -> Option<Etag> {
         let entry = self.peek(&ticket.key)?;
-        let untouched = entry.version == ticket.version && entry.writes_in_flight == 0;
-        if !answered_2xx {
+        let untouched = entry.version == ticket.version && entry.settled();
+        if !success {
             if untouched && entry.etag.is_none() {
                 self.idle.pop(&ticket.key);
             }
@@ -152,7 +231,17 @@ impl EtagTable {
         if !untouched {
             return None;
         }
+        let changed_behind =
+            !entry.backend.is_empty() && !validator.is_empty() && entry.backend != validator;
+        let version = self.next_version();
         let entry = self.peek_mut(&ticket.key)?;
+        if changed_behind {
+            entry.etag = Some(Etag::fresh());
+            entry.version = version;
+        }
+        if !validator.is_empty() {
+            entry.backend = validator;
+        }
         // Concurrent readers of one unchanged state share the etag: naming it changes no version.
         Some(*entry.etag.get_or_insert_with(Etag::fresh))
     }
@@ -161,7 +250,7 @@ impl EtagTable {
     /// current state and no write is in flight.
     pub fn check(&self, key: &ResourceKey, precondition: &IfMatch) -> Result<(), Refusal> {
         let entry = self.peek(key);
-        let settled = entry.is_some_and(|e| e.writes_in_flight == 0);
+        let settled = entry.is_some_and(Entry::settled);
         let current = entry.and_then(|e| e.etag);
         if settled && precondition.is_satisfied_by(current.as_ref()) {
             Ok(())
@@ -170,42 +259,81 @@ impl EtagTable {
         }
     }
 
-    /// Check and reserve in one step. With a precondition, the write passes only if it names the
-    /// current etag and no write is in flight; without one (last write wins) it always passes. Either
-    /// way, once reserved the current etag stops matching until the write is settled.
+    /// Evaluates the preconditions (RFC 9110 §13.2.2 order) and reserves the write, in one step.
+    /// A write without precondition (last write wins) always passes. Once reserved, the current etag
+    /// stops matching until the write is settled.
     pub fn reserve_write(
         &mut self,
         key: &ResourceKey,
-        precondition: Option<&IfMatch>,
-    ) -> Result<WriteTicket, Refusal> {
-        if let Some(precondition) = precondition {
-            self.check(key, precondition)?;
+        pre: &Preconditions,
+    ) -> Result<Reservation, Refusal> {
+        const UNKNOWN: BackendValidator = BackendValidator {
+            etag: None,
+            last_modified: None,
+        };
+        let (current, settled, backend) = match self.peek(key) {
+            Some(e) => (e.etag, e.settled(), &e.backend),
+            None => (None, true, &UNKNOWN),
+        };
+        let refuse = Err(Refusal { current });
+        // Whether the precondition named the state the table knows (then the backend's validator of
+        // that state can go along).
+        let mut named_state = false;
+        if let Some(if_match) = &pre.if_match {
+            if !(settled && if_match.is_satisfied_by(current.as_ref())) {
+                return refuse;
+            }
+            named_state = true;
+        } else if let Some(since) = pre.if_unmodified_since {
+            match backend.last_modified {
+                // Unknown Last-Modified: the header goes to the backend, which evaluates it itself.
+                None => {}
+                Some(_) if !settled || current.is_none() => return refuse,
+                Some(modified) if modified > since => return refuse,
+                Some(_) => named_state = true,
+            }
         }
+        let mut probe_existence = false;
+        if let Some(if_none_match) = &pre.if_none_match {
+            if !settled || if_none_match.matches_weakly(current.as_ref()) {
+                return refuse;
+            }
+            // `*` and no etag: the gateway does not know whether the resource exists.
+            probe_existence = if_none_match.is_any();
+        }
+        let backend_precondition = (named_state && !backend.is_empty()).then(|| backend.clone());
+
+        let version = self.next_version();
         let mut entry = match self.busy.remove(key) {
             Some(e) => e,
-            None => self.idle.pop(key).unwrap_or(Entry {
-                etag: None,
-                version: 0,
-                writes_in_flight: 0,
-            }),
+            None => self.idle.pop(key).unwrap_or(Entry::new(version)),
         };
         let etag_before = entry.etag.take();
-        entry.version = self.next_version();
+        entry.version = version;
         entry.writes_in_flight += 1;
-        let version = entry.version;
         self.busy.insert(key.clone(), entry);
-        Ok(WriteTicket {
-            key: key.clone(),
-            version,
-            etag_before,
+        Ok(Reservation {
+            ticket: WriteTicket {
+                key: key.clone(),
+                version,
+                etag_before,
+            },
+            probe_existence,
+            backend_precondition,
         })
     }
 
-    /// Records what became of a reserved write. Returns the etag to give the client: the new one, only
-    /// when no other change came after this write's reservation (otherwise nobody can tell which state
-    /// the backend ended in, and no etag is handed out). If an earlier write is still in flight, the
-    /// etag matches nothing until that one settles, and is dropped if it turns out to have applied.
-    pub fn settle_write(&mut self, ticket: WriteTicket, outcome: WriteOutcome) -> Option<Etag> {
+    /// Records what became of a reserved write, with the backend's validator from its answer. Returns
+    /// the etag to give the client: the new one, only when no other change came after this write's
+    /// reservation (otherwise nobody can tell which state the backend ended in, and no etag is handed
+    /// out). If an earlier write is still in flight, the etag matches nothing until that one settles,
+    /// and is dropped if it turns out to have applied.
+    pub fn settle_write(
+        &mut self,
+        ticket: WriteTicket,
+        outcome: WriteOutcome,
+        validator: BackendValidator,
+    ) -> Option<Etag> {
         let version = self.next_version();
         let Some(entry) = self.busy.get_mut(&ticket.key) else {
             // Unreachable while tickets are settled once; refusing to guess is the safe answer.
@@ -217,6 +345,7 @@ impl EtagTable {
         let handed_out = match outcome {
             WriteOutcome::Applied(new) if alone => {
                 entry.etag = Some(new);
+                entry.backend = validator;
                 Some(new)
             }
             WriteOutcome::NotApplied if alone => {
@@ -225,23 +354,50 @@ impl EtagTable {
             }
             // Another change overlapped: the write that did not happen leaves the other's result alone.
             WriteOutcome::NotApplied => None,
-            // Applied alongside others, applied to an unnamed state, or unknown: a state nobody holds
-            // an etag for. Never put the old etag back: the backend may have changed.
-            WriteOutcome::Applied(_) | WriteOutcome::AppliedUnnamed | WriteOutcome::Unknown => {
+            // Applied alongside others, applied to an unnamed state, unknown, or changed behind the
+            // gateway: a state nobody holds an etag for. Never put the old etag back.
+            WriteOutcome::Applied(_)
+            | WriteOutcome::AppliedUnnamed
+            | WriteOutcome::Unknown
+            | WriteOutcome::ChangedBehind => {
                 entry.etag = None;
+                entry.backend = BackendValidator::default();
                 None
             }
         };
         entry.version = version;
-        if entry.writes_in_flight == 0 {
+        if entry.settled() {
             if let Some(entry) = self.busy.remove(&ticket.key) {
                 self.idle.push(ticket.key.clone(), entry);
             }
         }
-        if outcome != WriteOutcome::NotApplied {
+        if !matches!(
+            outcome,
+            WriteOutcome::NotApplied | WriteOutcome::ChangedBehind
+        ) {
             self.collection_changed(&ticket.key);
         }
         handed_out
+    }
+
+    /// A write created a resource (POST answered with `Location`): its state is what the write sent,
+    /// so it gets an etag now. `None` if that resource has writes of its own in flight.
+    pub fn register_created(
+        &mut self,
+        key: &ResourceKey,
+        validator: BackendValidator,
+    ) -> Option<Etag> {
+        let version = self.next_version();
+        if self.busy.contains_key(key) {
+            return None;
+        }
+        let etag = Etag::fresh();
+        let mut entry = self.idle.pop(key).unwrap_or(Entry::new(version));
+        entry.etag = Some(etag);
+        entry.version = version;
+        entry.backend = validator;
+        self.idle.push(key.clone(), entry);
+        Some(etag)
     }
 
     /// The etag handed out for an applied write cannot be trusted after all (its answer broke off):
@@ -251,6 +407,7 @@ impl EtagTable {
         if let Some(entry) = self.peek_mut(key) {
             if entry.etag == Some(etag) {
                 entry.etag = None;
+                entry.backend = BackendValidator::default();
                 entry.version = version;
             }
         }
@@ -264,6 +421,7 @@ impl EtagTable {
         let version = self.next_version();
         if let Some(entry) = self.peek_mut(&parent) {
             entry.etag = None;
+            entry.backend = BackendValidator::default();
             entry.version = version;
         }
     }
@@ -272,7 +430,7 @@ impl EtagTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::precondition::{EntityTag, IfMatch};
+    use crate::precondition::{EntityTag, IfMatch, TagSet};
 
     fn table(capacity: usize) -> EtagTable {
         EtagTable::new(NonZeroUsize::new(capacity).unwrap())
@@ -289,10 +447,46 @@ mod tests {
         }])
     }
 
+    fn none() -> BackendValidator {
+        BackendValidator::default()
+    }
+
+    fn backend_etag(v: &str) -> BackendValidator {
+        BackendValidator {
+            etag: Some(v.to_string()),
+            last_modified: None,
+        }
+    }
+
+    fn begin(t: &mut EtagTable, k: &ResourceKey) -> ReadTicket {
+        match t.begin_read(k, None) {
+            ReadStart::Forward {
+                ticket,
+                revalidate: None,
+            } => ticket,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn pre(if_match: Option<Etag>) -> Preconditions {
+        Preconditions {
+            if_match: if_match.map(self::if_match),
+            ..Preconditions::default()
+        }
+    }
+
+    fn reserve(
+        t: &mut EtagTable,
+        k: &ResourceKey,
+        if_match: Option<Etag>,
+    ) -> Result<WriteTicket, Refusal> {
+        t.reserve_write(k, &pre(if_match)).map(|r| r.ticket)
+    }
+
     /// A GET that the backend answers 200, with nothing else going on.
     fn read(t: &mut EtagTable, k: &ResourceKey) -> Option<Etag> {
-        let ticket = t.begin_read(k);
-        t.finish_read(&ticket, true)
+        let ticket = begin(t, k);
+        t.finish_read(&ticket, true, none())
     }
 
     fn write(
@@ -300,9 +494,8 @@ mod tests {
         k: &ResourceKey,
         pre: Option<Etag>,
     ) -> Result<Option<Etag>, Refusal> {
-        let im = pre.map(if_match);
-        let ticket = t.reserve_write(k, im.as_ref())?;
-        Ok(t.settle_write(ticket, WriteOutcome::Applied(Etag::fresh())))
+        let ticket = reserve(t, k, pre)?;
+        Ok(t.settle_write(ticket, WriteOutcome::Applied(Etag::fresh()), none()))
     }
 
     #[test]
@@ -318,8 +511,8 @@ mod tests {
     fn non_2xx_read_creates_no_entry() {
         let mut t = table(10);
         let k = key("/docs/missing");
-        let ticket = t.begin_read(&k);
-        assert_eq!(t.finish_read(&ticket, false), None);
+        let ticket = begin(&mut t, &k);
+        assert_eq!(t.finish_read(&ticket, false, none()), None);
         assert!(t.is_empty());
     }
 
@@ -342,17 +535,20 @@ mod tests {
         let mut t = table(10);
         let k = key("/docs/a");
         let e0 = read(&mut t, &k).unwrap();
-        let first = t.reserve_write(&k, Some(&if_match(e0))).unwrap();
+        let first = reserve(&mut t, &k, Some(e0)).unwrap();
         // the same etag again, while the first is in flight
         assert_eq!(
-            t.reserve_write(&k, Some(&if_match(e0))).unwrap_err(),
+            reserve(&mut t, &k, Some(e0)).unwrap_err(),
             Refusal { current: None }
         );
         // a read overlapping the write gets no etag
-        let r = t.begin_read(&k);
-        assert_eq!(t.finish_read(&r, true), None);
+        let r = begin(&mut t, &k);
+        assert_eq!(t.finish_read(&r, true, none()), None);
         let e1 = Etag::fresh();
-        assert_eq!(t.settle_write(first, WriteOutcome::Applied(e1)), Some(e1));
+        assert_eq!(
+            t.settle_write(first, WriteOutcome::Applied(e1), none()),
+            Some(e1)
+        );
         assert_eq!(read(&mut t, &k), Some(e1));
     }
 
@@ -361,9 +557,9 @@ mod tests {
         let mut t = table(10);
         let k = key("/docs/a");
         read(&mut t, &k);
-        let r = t.begin_read(&k);
+        let r = begin(&mut t, &k);
         write(&mut t, &k, None).unwrap();
-        assert_eq!(t.finish_read(&r, true), None);
+        assert_eq!(t.finish_read(&r, true, none()), None);
     }
 
     #[test]
@@ -371,8 +567,8 @@ mod tests {
         let mut t = table(10);
         let k = key("/docs/a");
         let e0 = read(&mut t, &k).unwrap();
-        let w = t.reserve_write(&k, Some(&if_match(e0))).unwrap();
-        assert_eq!(t.settle_write(w, WriteOutcome::NotApplied), None);
+        let w = reserve(&mut t, &k, Some(e0)).unwrap();
+        assert_eq!(t.settle_write(w, WriteOutcome::NotApplied, none()), None);
         assert_eq!(t.current(&k), Some(e0));
         assert!(write(&mut t, &k, Some(e0)).is_ok());
     }
@@ -382,8 +578,8 @@ mod tests {
         let mut t = table(10);
         let k = key("/docs/a");
         let e0 = read(&mut t, &k).unwrap();
-        let w = t.reserve_write(&k, Some(&if_match(e0))).unwrap();
-        assert_eq!(t.settle_write(w, WriteOutcome::Unknown), None);
+        let w = reserve(&mut t, &k, Some(e0)).unwrap();
+        assert_eq!(t.settle_write(w, WriteOutcome::Unknown, none()), None);
         assert!(write(&mut t, &k, Some(e0)).is_err());
         let e1 = read(&mut t, &k).unwrap();
         assert_ne!(e0, e1);
@@ -393,16 +589,16 @@ mod tests {
     fn overlapping_unconditional_writes_hand_out_no_etag() {
         let mut t = table(10);
         let k = key("/docs/a");
-        let w1 = t.reserve_write(&k, None).unwrap();
-        let w2 = t.reserve_write(&k, None).unwrap();
+        let w1 = reserve(&mut t, &k, None).unwrap();
+        let w2 = reserve(&mut t, &k, None).unwrap();
         // w2 was the last change, but w1 is still in flight: its etag cannot match yet
         let e2 = t
-            .settle_write(w2, WriteOutcome::Applied(Etag::fresh()))
+            .settle_write(w2, WriteOutcome::Applied(Etag::fresh()), none())
             .unwrap();
         assert!(t.check(&k, &if_match(e2)).is_err());
         // w1 may have reached the backend after w2: nobody can tell which state is there now
         assert_eq!(
-            t.settle_write(w1, WriteOutcome::Applied(Etag::fresh())),
+            t.settle_write(w1, WriteOutcome::Applied(Etag::fresh()), none()),
             None
         );
         assert_eq!(t.current(&k), None);
@@ -414,12 +610,12 @@ mod tests {
         let mut t = table(10);
         let k = key("/docs/a");
         let e0 = read(&mut t, &k).unwrap();
-        let w1 = t.reserve_write(&k, Some(&if_match(e0))).unwrap();
-        let w2 = t.reserve_write(&k, None).unwrap();
+        let w1 = reserve(&mut t, &k, Some(e0)).unwrap();
+        let w2 = reserve(&mut t, &k, None).unwrap();
         let e2 = t
-            .settle_write(w2, WriteOutcome::Applied(Etag::fresh()))
+            .settle_write(w2, WriteOutcome::Applied(Etag::fresh()), none())
             .unwrap();
-        assert_eq!(t.settle_write(w1, WriteOutcome::NotApplied), None);
+        assert_eq!(t.settle_write(w1, WriteOutcome::NotApplied, none()), None);
         // w1 did not happen, so w2's state is what the backend holds
         assert_eq!(t.current(&k), Some(e2));
         assert!(write(&mut t, &k, Some(e0)).is_err());
@@ -433,7 +629,11 @@ mod tests {
             write(&mut t, &k, Some(Etag::fresh())),
             Err(Refusal { current: None })
         );
-        assert!(t.reserve_write(&k, Some(&IfMatch::Any)).is_err());
+        let any = Preconditions {
+            if_match: Some(TagSet::Any),
+            ..Preconditions::default()
+        };
+        assert!(t.reserve_write(&k, &any).is_err());
         assert!(t.is_empty());
     }
 
@@ -442,12 +642,15 @@ mod tests {
         let mut t = table(10);
         let k = key("/docs/a");
         let e0 = read(&mut t, &k).unwrap();
-        let w = t.reserve_write(&k, Some(&if_match(e0))).unwrap();
-        assert_eq!(t.settle_write(w, WriteOutcome::AppliedUnnamed), None);
+        let w = reserve(&mut t, &k, Some(e0)).unwrap();
+        assert_eq!(
+            t.settle_write(w, WriteOutcome::AppliedUnnamed, none()),
+            None
+        );
         assert!(write(&mut t, &k, Some(e0)).is_err());
         // a later 404 removes the entry altogether
-        let r = t.begin_read(&k);
-        assert_eq!(t.finish_read(&r, false), None);
+        let r = begin(&mut t, &k);
+        assert_eq!(t.finish_read(&r, false, none()), None);
         assert!(t.is_empty());
     }
 
@@ -456,16 +659,19 @@ mod tests {
         let mut t = table(2);
         let a = key("/a");
         let ea = read(&mut t, &a).unwrap();
-        let w = t.reserve_write(&a, Some(&if_match(ea))).unwrap();
+        let w = reserve(&mut t, &a, Some(ea)).unwrap();
         // fill the LRU well past capacity while /a is in flight
         for i in 0..10 {
             read(&mut t, &key(&format!("/x{i}")));
         }
         assert_eq!(t.len(), 3, "2 idle + 1 busy");
-        let r = t.begin_read(&a);
-        assert_eq!(t.finish_read(&r, true), None, "still in flight");
+        let r = begin(&mut t, &a);
+        assert_eq!(t.finish_read(&r, true, none()), None, "still in flight");
         let e1 = Etag::fresh();
-        assert_eq!(t.settle_write(w, WriteOutcome::Applied(e1)), Some(e1));
+        assert_eq!(
+            t.settle_write(w, WriteOutcome::Applied(e1), none()),
+            Some(e1)
+        );
         // an evicted entry is unknown: its old etag conflicts
         let b = key("/b");
         let eb = read(&mut t, &b).unwrap();
@@ -479,9 +685,9 @@ mod tests {
     fn read_whose_entry_was_evicted_meanwhile_gets_no_etag() {
         let mut t = table(1);
         let a = key("/a");
-        let r = t.begin_read(&a);
+        let r = begin(&mut t, &a);
         read(&mut t, &key("/b")); // evicts /a's placeholder
-        assert_eq!(t.finish_read(&r, true), None);
+        assert_eq!(t.finish_read(&r, true, none()), None);
     }
 
     #[test]
@@ -494,8 +700,8 @@ mod tests {
         let ec2 = read(&mut t, &docs).unwrap();
         assert_ne!(ec, ec2);
         // a refused write changes nothing
-        let w = t.reserve_write(&key("/docs/b"), None).unwrap();
-        t.settle_write(w, WriteOutcome::NotApplied);
+        let w = reserve(&mut t, &key("/docs/b"), None).unwrap();
+        t.settle_write(w, WriteOutcome::NotApplied, none());
         assert_eq!(t.current(&docs), Some(ec2));
     }
 
@@ -520,5 +726,167 @@ mod tests {
         assert!(t.check(&k, &if_match(e)).is_ok());
         assert!(t.check(&k, &if_match(Etag::fresh())).is_err());
         assert!(t.check(&k, &IfMatch::Any).is_ok());
+    }
+
+    fn inm(e: Etag) -> TagSet {
+        TagSet::Tags(vec![EntityTag {
+            weak: true,
+            opaque: e.to_string(),
+        }])
+    }
+
+    #[test]
+    fn if_none_match_answers_304_from_the_table_when_the_backend_has_no_validator() {
+        let mut t = table(10);
+        let k = key("/a");
+        let e = read(&mut t, &k).unwrap();
+        match t.begin_read(&k, Some(&inm(e))) {
+            ReadStart::NotModified(got) => assert_eq!(got, e),
+            other => panic!("{other:?}"),
+        }
+        // another etag: forward without revalidation
+        assert!(matches!(
+            t.begin_read(&k, Some(&inm(Etag::fresh()))),
+            ReadStart::Forward {
+                revalidate: None,
+                ..
+            }
+        ));
+        // while a write is in flight the table cannot know
+        let w = reserve(&mut t, &k, None).unwrap();
+        assert!(matches!(
+            t.begin_read(&k, Some(&inm(e))),
+            ReadStart::Forward {
+                revalidate: None,
+                ..
+            }
+        ));
+        t.settle_write(w, WriteOutcome::NotApplied, none());
+    }
+
+    #[test]
+    fn with_a_backend_validator_the_read_is_revalidated_with_it() {
+        let mut t = table(10);
+        let k = key("/a");
+        let r = begin(&mut t, &k);
+        let e = t.finish_read(&r, true, backend_etag("\"rev-1\"")).unwrap();
+        match t.begin_read(&k, Some(&inm(e))) {
+            ReadStart::Forward {
+                ticket,
+                revalidate: Some(v),
+            } => {
+                assert_eq!(v, backend_etag("\"rev-1\""));
+                // the backend answers 304 with the same validator: same etag
+                assert_eq!(
+                    t.finish_read(&ticket, true, backend_etag("\"rev-1\"")),
+                    Some(e)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_change_behind_the_gateway_rotates_the_etag() {
+        let mut t = table(10);
+        let k = key("/a");
+        let r = begin(&mut t, &k);
+        let e1 = t.finish_read(&r, true, backend_etag("\"rev-1\"")).unwrap();
+        let r = begin(&mut t, &k);
+        let e2 = t.finish_read(&r, true, backend_etag("\"rev-9\"")).unwrap();
+        assert_ne!(e1, e2);
+        assert_eq!(
+            write(&mut t, &k, Some(e1)),
+            Err(Refusal { current: Some(e2) })
+        );
+        // an answer without validator is no evidence of change
+        let r = begin(&mut t, &k);
+        assert_eq!(t.finish_read(&r, true, none()), Some(e2));
+    }
+
+    #[test]
+    fn the_backend_validator_goes_along_with_a_conditional_write() {
+        let mut t = table(10);
+        let k = key("/a");
+        let r = begin(&mut t, &k);
+        let e1 = t.finish_read(&r, true, backend_etag("\"rev-1\"")).unwrap();
+        let reservation = t.reserve_write(&k, &pre(Some(e1))).unwrap();
+        assert_eq!(
+            reservation.backend_precondition,
+            Some(backend_etag("\"rev-1\""))
+        );
+        // the backend refused it: changed behind the gateway, nobody's etag is current
+        t.settle_write(reservation.ticket, WriteOutcome::ChangedBehind, none());
+        assert_eq!(t.current(&k), None);
+        // an unconditional write sends no backend precondition
+        let reservation = t.reserve_write(&k, &pre(None)).unwrap();
+        assert_eq!(reservation.backend_precondition, None);
+        // the validator from a write's answer is recorded with its etag
+        let e2 = t
+            .settle_write(
+                reservation.ticket,
+                WriteOutcome::Applied(Etag::fresh()),
+                backend_etag("\"rev-2\""),
+            )
+            .unwrap();
+        let r = t.reserve_write(&k, &pre(Some(e2))).unwrap();
+        assert_eq!(r.backend_precondition, Some(backend_etag("\"rev-2\"")));
+    }
+
+    #[test]
+    fn create_only_refuses_a_known_resource_and_probes_an_unknown_one() {
+        let mut t = table(10);
+        let create = Preconditions {
+            if_none_match: Some(TagSet::Any),
+            ..Preconditions::default()
+        };
+        let known = key("/known");
+        read(&mut t, &known).unwrap();
+        assert!(t.reserve_write(&known, &create).is_err());
+        let unknown = key("/unknown");
+        let r = t.reserve_write(&unknown, &create).unwrap();
+        assert!(r.probe_existence);
+        // while the probe runs, the reservation keeps a second creator out
+        assert!(t.reserve_write(&unknown, &create).is_err());
+        t.settle_write(r.ticket, WriteOutcome::NotApplied, none());
+    }
+
+    #[test]
+    fn if_unmodified_since_uses_the_backend_last_modified() {
+        let mut t = table(10);
+        let k = key("/a");
+        let modified = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let r = begin(&mut t, &k);
+        t.finish_read(
+            &r,
+            true,
+            BackendValidator {
+                etag: None,
+                last_modified: Some(modified),
+            },
+        );
+        let since = |secs| Preconditions {
+            if_unmodified_since: Some(
+                SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+            ),
+            ..Preconditions::default()
+        };
+        assert!(t.reserve_write(&k, &since(999_999)).is_err());
+        let ok = t.reserve_write(&k, &since(1_000_000)).unwrap();
+        assert!(ok.backend_precondition.is_some());
+        t.settle_write(ok.ticket, WriteOutcome::NotApplied, none());
+        // unknown Last-Modified: let the backend evaluate it
+        let other = key("/b");
+        let r = t.reserve_write(&other, &since(1)).unwrap();
+        assert_eq!(r.backend_precondition, None);
+    }
+
+    #[test]
+    fn a_created_resource_gets_an_etag() {
+        let mut t = table(10);
+        let k = key("/docs/new");
+        let e = t.register_created(&k, none()).unwrap();
+        assert_eq!(t.current(&k), Some(e));
+        assert!(write(&mut t, &k, Some(e)).is_ok());
     }
 }

@@ -322,12 +322,7 @@ fn demo_route(app: &App, method: &Method, path: &str, query: Option<&str>) -> Re
         .collect();
     // Serialised from the structs (not through a `Value`) to keep the field order seq, method, path, body.
     let body = Bytes::from(serde_json::to_vec(&entries).unwrap());
-    bytes_response(
-        StatusCode::OK,
-        body,
-        HeaderValue::from_static("application/json"),
-        head,
-    )
+    bytes_response(StatusCode::OK, body, JSON, head)
 }
 
 fn read(app: &App, path: &str, headers: &HeaderMap, head: bool) -> Response<RespBody> {
@@ -361,11 +356,7 @@ fn read(app: &App, path: &str, headers: &HeaderMap, head: bool) -> Response<Resp
         .take_while(|k| k.starts_with(&prefix))
         .collect();
     if items.is_empty() {
-        return json_response(
-            StatusCode::NOT_FOUND,
-            &json!({"error": "not found", "path": path}),
-            head,
-        );
+        return not_found(path, head);
     }
     // A collection changes whenever any document does; it gets an etag from the global revision
     // (conservative: it changes more often than the listing) and no Last-Modified.
@@ -437,14 +428,7 @@ fn write(
         }
         Method::PATCH => {
             let Some(doc) = store.docs.get(path) else {
-                return (
-                    json_response(
-                        StatusCode::NOT_FOUND,
-                        &json!({"error": "not found", "path": path}),
-                        false,
-                    ),
-                    false,
-                );
+                return (not_found(path, false), false);
             };
             let (Ok(Value::Object(mut merged)), Ok(Value::Object(patch))) = (
                 serde_json::from_slice::<Value>(&doc.body),
@@ -455,44 +439,21 @@ fn write(
             };
             merged.extend(patch);
             let merged = Bytes::from(serde_json::to_vec(&merged).unwrap());
-            let v = store
-                .put(
-                    path,
-                    merged.clone(),
-                    HeaderValue::from_static("application/json"),
-                )
-                .validator();
+            let v = store.put(path, merged.clone(), JSON).validator();
             store.log(method, path, &body);
-            let mut r = bytes_response(
-                StatusCode::OK,
-                merged,
-                HeaderValue::from_static("application/json"),
-                false,
-            );
+            let mut r = bytes_response(StatusCode::OK, merged, JSON, false);
             validator_headers(mode, &mut r, &v);
             (r, true)
         }
         _ => {
             // DELETE
             if store.docs.remove(path).is_none() {
-                return (
-                    json_response(
-                        StatusCode::NOT_FOUND,
-                        &json!({"error": "not found", "path": path}),
-                        false,
-                    ),
-                    false,
-                );
+                return (not_found(path, false), false);
             }
             store.rev += 1;
             store.log(method, path, &body);
             (
-                bytes_response(
-                    StatusCode::NO_CONTENT,
-                    Bytes::new(),
-                    HeaderValue::from_static("application/json"),
-                    false,
-                ),
+                bytes_response(StatusCode::NO_CONTENT, Bytes::new(), JSON, false),
                 true,
             )
         }
@@ -509,12 +470,7 @@ enum Pre {
 impl Pre {
     fn response(self, mode: Validators, path: &str, v: Option<&Validator>) -> Response<RespBody> {
         let mut r = match self {
-            Pre::NotModified => bytes_response(
-                StatusCode::NOT_MODIFIED,
-                Bytes::new(),
-                HeaderValue::from_static("application/json"),
-                false,
-            ),
+            Pre::NotModified => bytes_response(StatusCode::NOT_MODIFIED, Bytes::new(), JSON, false),
             _ => json_response(
                 StatusCode::PRECONDITION_FAILED,
                 &json!({"error": "precondition failed", "path": path}),
@@ -606,14 +562,19 @@ fn validator_headers(mode: Validators, r: &mut Response<RespBody>, v: &Validator
     }
 }
 
-fn json_response(status: StatusCode, value: &Value, head: bool) -> Response<RespBody> {
-    let body = Bytes::from(serde_json::to_vec(value).unwrap());
-    bytes_response(
-        status,
-        body,
-        HeaderValue::from_static("application/json"),
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+fn not_found(path: &str, head: bool) -> Response<RespBody> {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &json!({"error": "not found", "path": path}),
         head,
     )
+}
+
+fn json_response(status: StatusCode, value: &Value, head: bool) -> Response<RespBody> {
+    let body = Bytes::from(serde_json::to_vec(value).unwrap());
+    bytes_response(status, body, JSON, head)
 }
 
 /// A response with `body`; for HEAD the same headers (Content-Length included) and no body.

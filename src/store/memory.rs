@@ -5,9 +5,12 @@
 
 use super::{EtagStore, StoreError};
 use crate::etag::Etag;
-use crate::precondition::IfMatch;
+use crate::precondition::{IfMatch, IfNoneMatch, Preconditions};
 use crate::resource_key::ResourceKey;
-use crate::table::{EtagTable, ReadTicket, Refusal, WriteOutcome, WriteTicket};
+use crate::table::{
+    BackendValidator, EtagTable, ReadStart, ReadTicket, Refusal, Reservation, WriteOutcome,
+    WriteTicket,
+};
 use async_trait::async_trait;
 use std::num::NonZeroUsize;
 use std::sync::{Mutex, MutexGuard};
@@ -41,16 +44,21 @@ impl MemoryStore {
 
 #[async_trait]
 impl EtagStore for MemoryStore {
-    async fn begin_read(&self, key: &ResourceKey) -> Result<ReadTicket, StoreError> {
-        Ok(self.table().begin_read(key))
+    async fn begin_read(
+        &self,
+        key: &ResourceKey,
+        if_none_match: Option<&IfNoneMatch>,
+    ) -> Result<ReadStart, StoreError> {
+        Ok(self.table().begin_read(key, if_none_match))
     }
 
     async fn finish_read(
         &self,
         ticket: &ReadTicket,
-        answered_2xx: bool,
+        success: bool,
+        validator: BackendValidator,
     ) -> Result<Option<Etag>, StoreError> {
-        Ok(self.table().finish_read(ticket, answered_2xx))
+        Ok(self.table().finish_read(ticket, success, validator))
     }
 
     async fn check(
@@ -64,17 +72,26 @@ impl EtagStore for MemoryStore {
     async fn reserve_write(
         &self,
         key: &ResourceKey,
-        precondition: Option<&IfMatch>,
-    ) -> Result<Result<WriteTicket, Refusal>, StoreError> {
-        Ok(self.table().reserve_write(key, precondition))
+        preconditions: &Preconditions,
+    ) -> Result<Result<Reservation, Refusal>, StoreError> {
+        Ok(self.table().reserve_write(key, preconditions))
     }
 
     async fn settle_write(
         &self,
         ticket: WriteTicket,
         outcome: WriteOutcome,
+        validator: BackendValidator,
     ) -> Result<Option<Etag>, StoreError> {
-        Ok(self.table().settle_write(ticket, outcome))
+        Ok(self.table().settle_write(ticket, outcome, validator))
+    }
+
+    async fn register_created(
+        &self,
+        key: &ResourceKey,
+        validator: BackendValidator,
+    ) -> Result<Option<Etag>, StoreError> {
+        Ok(self.table().register_created(key, validator))
     }
 
     async fn withdraw(&self, key: &ResourceKey, etag: Etag) -> Result<(), StoreError> {
@@ -83,6 +100,7 @@ impl EtagStore for MemoryStore {
     }
 
     fn settle_abandoned(&self, ticket: WriteTicket) {
-        self.table().settle_write(ticket, WriteOutcome::Unknown);
+        self.table()
+            .settle_write(ticket, WriteOutcome::Unknown, BackendValidator::default());
     }
 }

@@ -5,9 +5,11 @@
 pub mod memory;
 
 use crate::etag::Etag;
-use crate::precondition::IfMatch;
+use crate::precondition::{IfMatch, IfNoneMatch, Preconditions};
 use crate::resource_key::ResourceKey;
-use crate::table::{ReadTicket, Refusal, WriteOutcome, WriteTicket};
+use crate::table::{
+    BackendValidator, ReadStart, ReadTicket, Refusal, Reservation, WriteOutcome, WriteTicket,
+};
 use async_trait::async_trait;
 
 pub use memory::MemoryStore;
@@ -19,13 +21,18 @@ pub struct StoreError(pub String);
 
 #[async_trait]
 pub trait EtagStore: Send + Sync + 'static {
-    /// A read starts (see [`crate::table::EtagTable::begin_read`]).
-    async fn begin_read(&self, key: &ResourceKey) -> Result<ReadTicket, StoreError>;
+    /// A read starts; `If-None-Match` is evaluated (see [`crate::table::EtagTable::begin_read`]).
+    async fn begin_read(
+        &self,
+        key: &ResourceKey,
+        if_none_match: Option<&IfNoneMatch>,
+    ) -> Result<ReadStart, StoreError>;
     /// A read's answer arrived: the etag naming its body, if one can be vouched for.
     async fn finish_read(
         &self,
         ticket: &ReadTicket,
-        answered_2xx: bool,
+        success: bool,
+        validator: BackendValidator,
     ) -> Result<Option<Etag>, StoreError>;
     /// `If-Match` on a request that changes nothing.
     async fn check(
@@ -33,22 +40,29 @@ pub trait EtagStore: Send + Sync + 'static {
         key: &ResourceKey,
         precondition: &IfMatch,
     ) -> Result<Result<(), Refusal>, StoreError>;
-    /// Check and reserve a write in one atomic step.
+    /// Evaluate the preconditions and reserve a write, in one atomic step.
     async fn reserve_write(
         &self,
         key: &ResourceKey,
-        precondition: Option<&IfMatch>,
-    ) -> Result<Result<WriteTicket, Refusal>, StoreError>;
+        preconditions: &Preconditions,
+    ) -> Result<Result<Reservation, Refusal>, StoreError>;
     /// Record the outcome of a reserved write; the etag to hand to the client, if any.
     async fn settle_write(
         &self,
         ticket: WriteTicket,
         outcome: WriteOutcome,
+        validator: BackendValidator,
+    ) -> Result<Option<Etag>, StoreError>;
+    /// A write created a resource at `key` (POST answered with `Location`): its etag.
+    async fn register_created(
+        &self,
+        key: &ResourceKey,
+        validator: BackendValidator,
     ) -> Result<Option<Etag>, StoreError>;
     /// The etag handed out for an applied write turned out not to be trustworthy (the answer broke off
     /// after its headers): unless something else changed since, the resource's state becomes unknown.
     async fn withdraw(&self, key: &ResourceKey, etag: Etag) -> Result<(), StoreError>;
     /// Settle a write whose request was dropped without an outcome (gateway shutting down, task
-    /// cancelled): must not block and must not fail silently into "not applied".
+    /// cancelled) as unknown: must not block.
     fn settle_abandoned(&self, ticket: WriteTicket);
 }
