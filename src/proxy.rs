@@ -479,7 +479,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let writable = session.as_downstream().response_written().is_none();
-        if let Some(answer) = ctx.late_answer.take() {
+        if let Some(answer) = ctx.late_answer.clone() {
             let code = answer.status.as_u16();
             if writable {
                 if let Err(err) = send_answer(session, answer).await {
