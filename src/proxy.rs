@@ -479,6 +479,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let writable = session.as_downstream().response_written().is_none();
+        // The connection is not reused after a failure: say so, or a client would send its next
+        // request on a connection about to close.
+        session.as_downstream_mut().set_keepalive(None);
         if let Some(answer) = ctx.late_answer.clone() {
             let code = answer.status.as_u16();
             if writable {
