@@ -310,11 +310,21 @@ async fn torture_under_faults() {
         "0.03",
         "--slow-ms",
         "800",
+        "--truncate-rate",
+        "0.02",
+        // applied only after the gateway timed out: the timeout hold keeps the resource locked
+        "--late-apply-rate",
+        "0.03",
+        "--late-apply-ms",
+        "500",
     ]);
-    let gateway = Gateway::start(&backend.url(), Some("[upstream]\nread_timeout_ms = 300\n"));
+    let gateway = Gateway::start(
+        &backend.url(),
+        Some("[upstream]\nread_timeout_ms = 300\ntimeout_hold_ms = 1000\n"),
+    );
     let run = run_workload(&backend, &gateway).await;
     // A write that timed out at the gateway may still be pending in the backend: let it land.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     let applied = check_invariants(&backend, &run).await;
     let s = &run.stats;
 

@@ -75,6 +75,12 @@ struct Args {
     /// Probability that an applied write is answered 200 with a body cut short (then the connection is aborted).
     #[arg(long, default_value_t = 0.0, value_parser = rate)]
     truncate_rate: f64,
+    /// Probability that a write is applied only after `--late-apply-ms` (a backend still working on a
+    /// request the gateway has already given up on).
+    #[arg(long, default_value_t = 0.0, value_parser = rate)]
+    late_apply_rate: f64,
+    #[arg(long, default_value_t = 0)]
+    late_apply_ms: u64,
     /// Sleep before handling every request (widens race windows).
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
@@ -254,8 +260,23 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<RespBo
         return Ok(demo_route(&app, &method, &path, query.as_deref()));
     }
     let head = method == Method::HEAD;
+    let is_write = matches!(
+        method,
+        Method::PUT | Method::PATCH | Method::DELETE | Method::POST
+    );
     let (resp, applied) = match method {
         Method::GET | Method::HEAD => (read(&app, &path, &headers, head), false),
+        _ if is_write && rand::random_bool(args.late_apply_rate) => {
+            // Like a real server thread, the work goes on when the client has gone: the write is
+            // applied in a task of its own, even if this connection is closed meanwhile.
+            info!(%method, %path, "fault: applying after {} ms", args.late_apply_ms);
+            let (app, method, path) = (app.clone(), method.clone(), path.clone());
+            let late = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(app.args.late_apply_ms)).await;
+                write(&app, &method, &path, &headers, body)
+            });
+            late.await?
+        }
         Method::PUT | Method::PATCH | Method::DELETE | Method::POST => {
             write(&app, &method, &path, &headers, body)
         }
