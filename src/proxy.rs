@@ -19,7 +19,9 @@ use crate::etag::Etag;
 use crate::precondition::Preconditions;
 use crate::resource_key::ResourceKey;
 use crate::store::EtagStore;
-use crate::table::{BackendValidator, ReadStart, ReadTicket, Refusal, WriteOutcome, WriteTicket};
+use crate::table::{
+    BackendValidator, ReadAnswer, ReadStart, ReadTicket, Refusal, WriteOutcome, WriteTicket,
+};
 use crate::upstream::{Existence, Upstreams};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -425,14 +427,43 @@ impl ProxyHttp for Gateway {
         // Clients only ever see gateway etags.
         resp.remove_header(&header::ETAG);
         let etag = if let Some(read) = ctx.read.take() {
-            let success = resp.status.is_success() || resp.status == StatusCode::NOT_MODIFIED;
-            match self.store.finish_read(&read, success, validator).await {
+            let answer = match resp.status {
+                s if s.is_success() || s == StatusCode::NOT_MODIFIED => {
+                    ReadAnswer::Found(validator)
+                }
+                StatusCode::NOT_FOUND | StatusCode::GONE => ReadAnswer::Gone,
+                _ => ReadAnswer::Failed,
+            };
+            let found = matches!(answer, ReadAnswer::Found(_));
+            let etag = match self.store.finish_read(&read, answer).await {
                 Ok(etag) => etag,
                 Err(e) => {
                     tracing::warn!(error = %e, "read finished without an etag");
                     None
                 }
+            };
+            if let Some(if_match) = ctx.preconditions.if_match.as_ref().filter(|_| found) {
+                // If-Match passed at the gateway, but the body is not the state it named (changed
+                // behind the gateway, or a write overlapped): the client must not get it as such.
+                if !if_match.is_satisfied_by(etag.as_ref()) {
+                    let method = session.req_header().method.clone();
+                    let key = ctx
+                        .key
+                        .clone()
+                        .unwrap_or_else(|| ResourceKey::from_path("/"));
+                    ctx.late_answer = Some(self.conflict(
+                        &method,
+                        &key,
+                        &ctx.preconditions,
+                        Refusal { current: etag },
+                    ));
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(self.settings.conflict_status.as_u16()),
+                        "the read did not return the state If-Match named",
+                    ));
+                }
             }
+            etag
         } else if ctx.write.is_some() {
             let etag = self
                 .settle_from_response(session, resp, validator, ctx)

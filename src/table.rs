@@ -88,6 +88,17 @@ pub enum ReadStart {
     },
 }
 
+/// What the backend answered to a read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadAnswer {
+    /// 2xx, or 304 to a revalidation, with the backend's validators.
+    Found(BackendValidator),
+    /// 404 or 410: the resource does not exist.
+    Gone,
+    /// Anything else: no evidence either way.
+    Failed,
+}
+
 /// A reservation for one write; settle it exactly once.
 #[derive(Debug)]
 pub struct WriteTicket {
@@ -209,28 +220,31 @@ impl EtagTable {
         }
     }
 
-    /// A read's answer arrived. `success`: 2xx, or 304 to a revalidation. Returns the etag that names
-    /// the body just read, or `None` when a write overlapped the read (the body may be older or newer
-    /// than any etag). If the backend's validator differs from the one recorded, the resource changed
-    /// behind the gateway: the etag is rotated first, so the one from before stops matching.
-    /// A failed answer creates no entry and returns `None`.
-    pub fn finish_read(
-        &mut self,
-        ticket: &ReadTicket,
-        success: bool,
-        validator: BackendValidator,
-    ) -> Option<Etag> {
+    /// A read's answer arrived. Returns the etag that names the body just read, or `None` when a
+    /// write overlapped the read (the body may be older or newer than any etag). If the backend's
+    /// validator differs from the one recorded, the resource changed behind the gateway: the etag is
+    /// rotated first, so the one from before stops matching. A 404/410 is evidence too: the resource
+    /// is gone, whatever etag the table held stops matching. Other answers change nothing.
+    pub fn finish_read(&mut self, ticket: &ReadTicket, answer: ReadAnswer) -> Option<Etag> {
         let entry = self.peek(&ticket.key)?;
         let untouched = entry.version == ticket.version && entry.settled();
-        if !success {
-            if untouched && entry.etag.is_none() {
-                self.idle.pop(&ticket.key);
+        let validator = match answer {
+            ReadAnswer::Found(validator) if untouched => validator,
+            ReadAnswer::Gone if untouched && entry.etag.is_some() => {
+                let version = self.next_version();
+                let entry = self.peek_mut(&ticket.key)?;
+                entry.etag = None;
+                entry.backend = BackendValidator::default();
+                entry.version = version;
+                return None;
             }
-            return None;
-        }
-        if !untouched {
-            return None;
-        }
+            // Non-2xx answers create no entry: drop the placeholder this read made.
+            ReadAnswer::Gone | ReadAnswer::Failed if untouched && entry.etag.is_none() => {
+                self.idle.pop(&ticket.key);
+                return None;
+            }
+            _ => return None,
+        };
         let changed_behind =
             !entry.backend.is_empty() && !validator.is_empty() && entry.backend != validator;
         let version = self.next_version();
@@ -413,16 +427,18 @@ impl EtagTable {
         }
     }
 
-    /// A member of a collection may have changed, so the collection's listing did: its etag goes.
+    /// A member of a collection may have changed, so the listings that contain it did: the etags of
+    /// its parent and of every ancestor go (a backend may list nested members; when unsure, merge).
     fn collection_changed(&mut self, member: &ResourceKey) {
-        let Some(parent) = member.parent() else {
-            return;
-        };
-        let version = self.next_version();
-        if let Some(entry) = self.peek_mut(&parent) {
-            entry.etag = None;
-            entry.backend = BackendValidator::default();
-            entry.version = version;
+        let mut ancestor = member.parent();
+        while let Some(key) = ancestor {
+            let version = self.next_version();
+            if let Some(entry) = self.peek_mut(&key) {
+                entry.etag = None;
+                entry.backend = BackendValidator::default();
+                entry.version = version;
+            }
+            ancestor = key.parent();
         }
     }
 }
@@ -486,7 +502,7 @@ mod tests {
     /// A GET that the backend answers 200, with nothing else going on.
     fn read(t: &mut EtagTable, k: &ResourceKey) -> Option<Etag> {
         let ticket = begin(t, k);
-        t.finish_read(&ticket, true, none())
+        t.finish_read(&ticket, ReadAnswer::Found(none()))
     }
 
     fn write(
@@ -512,7 +528,7 @@ mod tests {
         let mut t = table(10);
         let k = key("/docs/missing");
         let ticket = begin(&mut t, &k);
-        assert_eq!(t.finish_read(&ticket, false, none()), None);
+        assert_eq!(t.finish_read(&ticket, ReadAnswer::Gone), None);
         assert!(t.is_empty());
     }
 
@@ -543,7 +559,7 @@ mod tests {
         );
         // a read overlapping the write gets no etag
         let r = begin(&mut t, &k);
-        assert_eq!(t.finish_read(&r, true, none()), None);
+        assert_eq!(t.finish_read(&r, ReadAnswer::Found(none())), None);
         let e1 = Etag::fresh();
         assert_eq!(
             t.settle_write(first, WriteOutcome::Applied(e1), none()),
@@ -559,7 +575,7 @@ mod tests {
         read(&mut t, &k);
         let r = begin(&mut t, &k);
         write(&mut t, &k, None).unwrap();
-        assert_eq!(t.finish_read(&r, true, none()), None);
+        assert_eq!(t.finish_read(&r, ReadAnswer::Found(none())), None);
     }
 
     #[test]
@@ -650,7 +666,7 @@ mod tests {
         assert!(write(&mut t, &k, Some(e0)).is_err());
         // a later 404 removes the entry altogether
         let r = begin(&mut t, &k);
-        assert_eq!(t.finish_read(&r, false, none()), None);
+        assert_eq!(t.finish_read(&r, ReadAnswer::Gone), None);
         assert!(t.is_empty());
     }
 
@@ -666,7 +682,11 @@ mod tests {
         }
         assert_eq!(t.len(), 3, "2 idle + 1 busy");
         let r = begin(&mut t, &a);
-        assert_eq!(t.finish_read(&r, true, none()), None, "still in flight");
+        assert_eq!(
+            t.finish_read(&r, ReadAnswer::Found(none())),
+            None,
+            "still in flight"
+        );
         let e1 = Etag::fresh();
         assert_eq!(
             t.settle_write(w, WriteOutcome::Applied(e1), none()),
@@ -687,7 +707,7 @@ mod tests {
         let a = key("/a");
         let r = begin(&mut t, &a);
         read(&mut t, &key("/b")); // evicts /a's placeholder
-        assert_eq!(t.finish_read(&r, true, none()), None);
+        assert_eq!(t.finish_read(&r, ReadAnswer::Found(none())), None);
     }
 
     #[test]
@@ -769,7 +789,9 @@ mod tests {
         let mut t = table(10);
         let k = key("/a");
         let r = begin(&mut t, &k);
-        let e = t.finish_read(&r, true, backend_etag("\"rev-1\"")).unwrap();
+        let e = t
+            .finish_read(&r, ReadAnswer::Found(backend_etag("\"rev-1\"")))
+            .unwrap();
         match t.begin_read(&k, Some(&inm(e))) {
             ReadStart::Forward {
                 ticket,
@@ -778,7 +800,7 @@ mod tests {
                 assert_eq!(v, backend_etag("\"rev-1\""));
                 // the backend answers 304 with the same validator: same etag
                 assert_eq!(
-                    t.finish_read(&ticket, true, backend_etag("\"rev-1\"")),
+                    t.finish_read(&ticket, ReadAnswer::Found(backend_etag("\"rev-1\""))),
                     Some(e)
                 );
             }
@@ -791,9 +813,13 @@ mod tests {
         let mut t = table(10);
         let k = key("/a");
         let r = begin(&mut t, &k);
-        let e1 = t.finish_read(&r, true, backend_etag("\"rev-1\"")).unwrap();
+        let e1 = t
+            .finish_read(&r, ReadAnswer::Found(backend_etag("\"rev-1\"")))
+            .unwrap();
         let r = begin(&mut t, &k);
-        let e2 = t.finish_read(&r, true, backend_etag("\"rev-9\"")).unwrap();
+        let e2 = t
+            .finish_read(&r, ReadAnswer::Found(backend_etag("\"rev-9\"")))
+            .unwrap();
         assert_ne!(e1, e2);
         assert_eq!(
             write(&mut t, &k, Some(e1)),
@@ -801,7 +827,7 @@ mod tests {
         );
         // an answer without validator is no evidence of change
         let r = begin(&mut t, &k);
-        assert_eq!(t.finish_read(&r, true, none()), Some(e2));
+        assert_eq!(t.finish_read(&r, ReadAnswer::Found(none())), Some(e2));
     }
 
     #[test]
@@ -809,7 +835,9 @@ mod tests {
         let mut t = table(10);
         let k = key("/a");
         let r = begin(&mut t, &k);
-        let e1 = t.finish_read(&r, true, backend_etag("\"rev-1\"")).unwrap();
+        let e1 = t
+            .finish_read(&r, ReadAnswer::Found(backend_etag("\"rev-1\"")))
+            .unwrap();
         let reservation = t.reserve_write(&k, &pre(Some(e1))).unwrap();
         assert_eq!(
             reservation.backend_precondition,
@@ -859,11 +887,10 @@ mod tests {
         let r = begin(&mut t, &k);
         t.finish_read(
             &r,
-            true,
-            BackendValidator {
+            ReadAnswer::Found(BackendValidator {
                 etag: None,
                 last_modified: Some(modified),
-            },
+            }),
         );
         let since = |secs| Preconditions {
             if_unmodified_since: Some(
@@ -888,5 +915,35 @@ mod tests {
         let e = t.register_created(&k, none()).unwrap();
         assert_eq!(t.current(&k), Some(e));
         assert!(write(&mut t, &k, Some(e)).is_ok());
+    }
+
+    #[test]
+    fn a_404_makes_the_etag_stop_matching() {
+        let mut t = table(10);
+        let k = key("/docs/a");
+        let e = read(&mut t, &k).unwrap();
+        let r = begin(&mut t, &k);
+        assert_eq!(t.finish_read(&r, ReadAnswer::Gone), None);
+        assert_eq!(t.current(&k), None);
+        assert!(write(&mut t, &k, Some(e)).is_err());
+        // a failed read (5xx) is no evidence: the etag stays
+        let e2 = read(&mut t, &k).unwrap();
+        let r = begin(&mut t, &k);
+        assert_eq!(t.finish_read(&r, ReadAnswer::Failed), None);
+        assert_eq!(t.current(&k), Some(e2));
+    }
+
+    #[test]
+    fn a_write_changes_every_ancestor_listing() {
+        let mut t = table(10);
+        let docs = key("/docs");
+        let root = key("/");
+        let ed = read(&mut t, &docs).unwrap();
+        let er = read(&mut t, &root).unwrap();
+        write(&mut t, &key("/docs/y/z"), None).unwrap();
+        assert_eq!(t.current(&docs), None);
+        assert_eq!(t.current(&root), None);
+        assert!(write(&mut t, &docs, Some(ed)).is_err());
+        assert!(write(&mut t, &root, Some(er)).is_err());
     }
 }

@@ -8,8 +8,8 @@ use crate::etag::Etag;
 use crate::precondition::{IfMatch, IfNoneMatch, Preconditions};
 use crate::resource_key::ResourceKey;
 use crate::table::{
-    BackendValidator, EtagTable, ReadStart, ReadTicket, Refusal, Reservation, WriteOutcome,
-    WriteTicket,
+    BackendValidator, EtagTable, ReadAnswer, ReadStart, ReadTicket, Refusal, Reservation,
+    WriteOutcome, WriteTicket,
 };
 use async_trait::async_trait;
 use std::num::NonZeroUsize;
@@ -55,10 +55,9 @@ impl EtagStore for MemoryStore {
     async fn finish_read(
         &self,
         ticket: &ReadTicket,
-        success: bool,
-        validator: BackendValidator,
+        answer: ReadAnswer,
     ) -> Result<Option<Etag>, StoreError> {
-        Ok(self.table().finish_read(ticket, success, validator))
+        Ok(self.table().finish_read(ticket, answer))
     }
 
     async fn check(

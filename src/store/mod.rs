@@ -8,7 +8,8 @@ use crate::etag::Etag;
 use crate::precondition::{IfMatch, IfNoneMatch, Preconditions};
 use crate::resource_key::ResourceKey;
 use crate::table::{
-    BackendValidator, ReadStart, ReadTicket, Refusal, Reservation, WriteOutcome, WriteTicket,
+    BackendValidator, ReadAnswer, ReadStart, ReadTicket, Refusal, Reservation, WriteOutcome,
+    WriteTicket,
 };
 use async_trait::async_trait;
 
@@ -31,8 +32,7 @@ pub trait EtagStore: Send + Sync + 'static {
     async fn finish_read(
         &self,
         ticket: &ReadTicket,
-        success: bool,
-        validator: BackendValidator,
+        answer: ReadAnswer,
     ) -> Result<Option<Etag>, StoreError>;
     /// `If-Match` on a request that changes nothing.
     async fn check(
