@@ -51,6 +51,16 @@ pub const DEFAULT_GUARDED_METHODS: &[&str] = &["PUT", "PATCH", "DELETE"];
 pub const DEFAULT_STORE_KIND: StoreKind = StoreKind::Memory;
 /// `store.capacity`
 pub const DEFAULT_STORE_CAPACITY: usize = 1_000_000;
+/// `limits.max_header_bytes`: a request head larger than this is answered 431.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+/// `limits.max_etags`: entity tags allowed in one If-Match or If-None-Match (more: 400).
+pub const DEFAULT_MAX_ETAGS: usize = 16;
+/// `limits.max_etag_length`: bytes of one entity tag as sent, quotes and `W/` included (more: 400).
+pub const DEFAULT_MAX_ETAG_LENGTH: usize = 256;
+/// `limits.max_body_bytes`: 0 = no limit. Applies to guarded methods only (more: 413).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 0;
+/// `limits.header_read_timeout_ms`: the whole request head must arrive within this.
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 
 /// Upper bound of `server.threads`.
 pub const MAX_THREADS: usize = 1024;
@@ -58,8 +68,24 @@ pub const MAX_THREADS: usize = 1024;
 pub const MAX_GRACE_PERIOD_SECONDS: u64 = 3_600;
 /// Upper bound of `upstream.connect_timeout_ms` and `upstream.read_timeout_ms` (one hour).
 pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
+/// `store.idle_ttl_seconds`: a day.
+pub const DEFAULT_STORE_IDLE_TTL_SECONDS: u64 = 86_400;
+/// Upper bound of `store.idle_ttl_seconds` (a year).
+pub const MAX_STORE_IDLE_TTL_SECONDS: u64 = 31_536_000;
 /// Upper bound of `store.capacity`.
 pub const MAX_STORE_CAPACITY: usize = 1_000_000_000;
+/// Upper bound of `limits.max_header_bytes`: Pingora itself refuses a head above 1 MiB - 1 with 400.
+pub const MAX_HEADER_BYTES: usize = 1_048_575;
+/// Lower bound of `limits.max_header_bytes`: room for a request line and a few ordinary headers.
+pub const MIN_HEADER_BYTES: usize = 1_024;
+/// Upper bound of `limits.max_etags`.
+pub const MAX_ETAGS: usize = 1_024;
+/// Lower bound of `limits.max_etag_length`: the gateway's own etags (`W/"<uuid>"`, 41 bytes) must fit.
+pub const MIN_ETAG_LENGTH: usize = 64;
+/// Upper bound of `limits.max_etag_length`.
+pub const MAX_ETAG_LENGTH: usize = 65_536;
+/// Upper bound of `limits.max_body_bytes` (1 TiB).
+pub const MAX_BODY_BYTES: u64 = 1 << 40;
 
 /// Port of an upstream URL that doesn't give one.
 const DEFAULT_HTTP_PORT: u16 = 80;
@@ -79,6 +105,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub policy: PolicyConfig,
     pub store: StoreConfig,
+    pub limits: LimitsConfig,
 }
 
 /// `[server]`: where the gateway listens and how it runs.
@@ -128,14 +155,21 @@ pub struct PolicyConfig {
 pub enum StoreKind {
     /// An in-process LRU table: lost on restart, not shared between gateways.
     Memory,
+    /// Redis or Valkey, shared by every replica.
+    Redis,
 }
 
 /// `[store]`: where the etags are kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
     pub kind: StoreKind,
-    /// Entries kept before the least recently used one is evicted.
+    /// Entries kept before the least recently used one is evicted (memory store).
     pub capacity: NonZeroUsize,
+    /// `redis://[user:password@]host[:port][/db]` (redis store; required there).
+    pub url: Option<String>,
+    /// How long an untouched entry lives in Redis (an expired entry is unknown: `If-Match` on it is
+    /// a conflict, never a match).
+    pub idle_ttl: Duration,
 }
 
 impl Default for ServerConfig {
@@ -163,11 +197,42 @@ impl Default for PolicyConfig {
     }
 }
 
+/// `[limits]`: what a request may look like before the gateway refuses it unread (see
+/// [`crate::request_guard`]), and how long its head may take to arrive (see
+/// [`crate::header_deadline`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Request line plus every header line (name, value and 4 bytes of `: ` and CRLF); above: 431.
+    pub max_header_bytes: usize,
+    /// Entity tags in one If-Match / If-None-Match (all lines of the header together); above: 400.
+    pub max_etags: usize,
+    /// Bytes of one entity tag as sent (quotes and `W/` included); above: 400.
+    pub max_etag_length: usize,
+    /// Largest `Content-Length` of a guarded write; `None`: no limit. Above: 413.
+    pub max_body_bytes: Option<u64>,
+    /// The whole request head must arrive within this, keep-alive idle time included.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_etags: DEFAULT_MAX_ETAGS,
+            max_etag_length: DEFAULT_MAX_ETAG_LENGTH,
+            max_body_bytes: (DEFAULT_MAX_BODY_BYTES > 0).then_some(DEFAULT_MAX_BODY_BYTES),
+            header_read_timeout: Duration::from_millis(DEFAULT_HEADER_READ_TIMEOUT_MS),
+        }
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             kind: DEFAULT_STORE_KIND,
             capacity: NonZeroUsize::new(DEFAULT_STORE_CAPACITY).expect("capacity is not zero"),
+            url: None,
+            idle_ttl: Duration::from_secs(DEFAULT_STORE_IDLE_TTL_SECONDS),
         }
     }
 }
@@ -194,6 +259,7 @@ impl StoreKind {
     pub fn as_str(self) -> &'static str {
         match self {
             StoreKind::Memory => "memory",
+            StoreKind::Redis => "redis",
         }
     }
 
@@ -201,8 +267,8 @@ impl StoreKind {
     fn parse(name: &str) -> Result<StoreKind, String> {
         match name {
             "memory" => Ok(StoreKind::Memory),
-            "redis" => Err("not available yet, use \"memory\"".to_owned()),
-            _ => Err("allowed: \"memory\"".to_owned()),
+            "redis" => Ok(StoreKind::Redis),
+            _ => Err("allowed: \"memory\", \"redis\"".to_owned()),
         }
     }
 }
@@ -414,6 +480,7 @@ struct FileConfig {
     upstream: FileUpstream,
     policy: FilePolicy,
     store: FileStore,
+    limits: FileLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -455,6 +522,9 @@ struct FileStore {
     kind: String,
     #[serde(deserialize_with = "integer")]
     capacity: i64,
+    url: Option<String>,
+    #[serde(deserialize_with = "integer")]
+    idle_ttl_seconds: i64,
 }
 
 impl Default for FileServer {
@@ -493,11 +563,40 @@ impl Default for FilePolicy {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileLimits {
+    #[serde(deserialize_with = "integer")]
+    max_header_bytes: i64,
+    #[serde(deserialize_with = "integer")]
+    max_etags: i64,
+    #[serde(deserialize_with = "integer")]
+    max_etag_length: i64,
+    #[serde(deserialize_with = "integer")]
+    max_body_bytes: i64,
+    #[serde(deserialize_with = "integer")]
+    header_read_timeout_ms: i64,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        FileLimits {
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES as i64,
+            max_etags: DEFAULT_MAX_ETAGS as i64,
+            max_etag_length: DEFAULT_MAX_ETAG_LENGTH as i64,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES as i64,
+            header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS as i64,
+        }
+    }
+}
+
 impl Default for FileStore {
     fn default() -> Self {
         FileStore {
             kind: DEFAULT_STORE_KIND.as_str().to_owned(),
             capacity: DEFAULT_STORE_CAPACITY as i64,
+            url: None,
+            idle_ttl_seconds: DEFAULT_STORE_IDLE_TTL_SECONDS as i64,
         }
     }
 }
@@ -634,8 +733,34 @@ impl FileConfig {
             MAX_STORE_CAPACITY as i64,
             key("store.capacity"),
         )?;
+        let url = match (kind, self.store.url) {
+            (StoreKind::Redis, None) => {
+                return Err(key("store.url").reject(
+                    "(missing)",
+                    "required with kind = \"redis\", e.g. url = \"redis://127.0.0.1:6379\"",
+                ))
+            }
+            (StoreKind::Redis, Some(url)) => Some(
+                check_redis_url(&url)
+                    .map_err(|reason| key("store.url").reject(quoted(&url), reason))?,
+            ),
+            (StoreKind::Memory, Some(url)) => {
+                return Err(key("store.url").reject(quoted(&url), "only used with kind = \"redis\""))
+            }
+            (StoreKind::Memory, None) => None,
+        };
+        let idle_ttl_seconds = in_range(
+            self.store.idle_ttl_seconds,
+            1,
+            MAX_STORE_IDLE_TTL_SECONDS as i64,
+            key("store.idle_ttl_seconds"),
+        )?;
+
+        // [limits]
+        let limits = self.limits.validate(&key)?;
 
         Ok(Config {
+            limits,
             server: ServerConfig {
                 listen,
                 threads: threads as usize,
@@ -655,7 +780,84 @@ impl FileConfig {
             store: StoreConfig {
                 kind,
                 capacity: NonZeroUsize::new(capacity as usize).expect("checked to be >= 1"),
+                url,
+                idle_ttl: Duration::from_secs(idle_ttl_seconds as u64),
             },
+        })
+    }
+}
+
+/// A URL fit for logs: credentials replaced by `***`.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// `redis://…` only; the reason shown to the user otherwise.
+fn check_redis_url(url: &str) -> Result<String, String> {
+    let rest = if let Some(rest) = url.strip_prefix("redis://") {
+        rest
+    } else if url.starts_with("rediss://") {
+        return Err(
+            "TLS to Redis is not supported yet; use redis:// (e.g. through a local TLS tunnel)"
+                .into(),
+        );
+    } else {
+        return Err("allowed: redis://[user:password@]host[:port][/db]".into());
+    };
+    let host = rest
+        .rsplit('@')
+        .next()
+        .unwrap_or("")
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("");
+    if host.is_empty() {
+        return Err("no host: redis://host[:port]".into());
+    }
+    Ok(url.to_owned())
+}
+
+impl FileLimits {
+    fn validate<'a>(
+        self,
+        key: &impl Fn(&'static str) -> Setting<'a>,
+    ) -> Result<LimitsConfig, ConfigError> {
+        let max_header_bytes = in_range(
+            self.max_header_bytes,
+            MIN_HEADER_BYTES as i64,
+            MAX_HEADER_BYTES as i64,
+            key("limits.max_header_bytes"),
+        )?;
+        let max_etags = in_range(self.max_etags, 1, MAX_ETAGS as i64, key("limits.max_etags"))?;
+        let max_etag_length = in_range(
+            self.max_etag_length,
+            MIN_ETAG_LENGTH as i64,
+            MAX_ETAG_LENGTH as i64,
+            key("limits.max_etag_length"),
+        )?;
+        let max_body_bytes = in_range(
+            self.max_body_bytes,
+            0,
+            MAX_BODY_BYTES as i64,
+            key("limits.max_body_bytes"),
+        )?;
+        let header_read_timeout_ms = in_range(
+            self.header_read_timeout_ms,
+            1,
+            MAX_TIMEOUT_MS as i64,
+            key("limits.header_read_timeout_ms"),
+        )?;
+        Ok(LimitsConfig {
+            max_header_bytes: max_header_bytes as usize,
+            max_etags: max_etags as usize,
+            max_etag_length: max_etag_length as usize,
+            max_body_bytes: (max_body_bytes > 0).then_some(max_body_bytes as u64),
+            header_read_timeout: Duration::from_millis(header_read_timeout_ms as u64),
         })
     }
 }
@@ -896,7 +1098,7 @@ impl Config {
         format!(
             "listen {listen} ({threads} threads, {grace}s grace) -> upstream {upstreams}{rr} \
              (connect {connect}ms, read {read}ms); guarding {methods}, If-Match {if_match}, \
-             conflict -> {status}; {kind} store, {capacity} entries",
+             conflict -> {status}; {store}",
             threads = self.server.threads,
             grace = self.server.grace_period_seconds,
             rr = if self.upstream.servers.len() > 1 {
@@ -912,8 +1114,14 @@ impl Config {
                 "optional"
             },
             status = self.policy.conflict_status.as_u16(),
-            kind = self.store.kind,
-            capacity = self.store.capacity,
+            store = match (self.store.kind, &self.store.url) {
+                (StoreKind::Redis, Some(url)) => format!(
+                    "redis store at {}, entries idle for {}s expire",
+                    redacted(url),
+                    self.store.idle_ttl.as_secs()
+                ),
+                _ => format!("memory store, {} entries", self.store.capacity),
+            },
         )
     }
 }
@@ -1196,12 +1404,28 @@ mod tests {
             (
                 "[store]\nkind = \"disk\"",
                 "store.kind",
-                "allowed: \"memory\"",
+                "allowed: \"memory\", \"redis\"",
+            ),
+            ("[store]\nkind = \"redis\"", "store.url", "required"),
+            (
+                "[store]\nkind = \"redis\"\nurl = \"rediss://h\"",
+                "store.url",
+                "not supported yet",
             ),
             (
-                "[store]\nkind = \"redis\"",
-                "store.kind",
-                "not available yet",
+                "[store]\nkind = \"redis\"\nurl = \"http://h\"",
+                "store.url",
+                "redis://",
+            ),
+            (
+                "[store]\nurl = \"redis://h\"",
+                "store.url",
+                "only used with",
+            ),
+            (
+                "[store]\nidle_ttl_seconds = 0",
+                "store.idle_ttl_seconds",
+                "1 to",
             ),
             ("[store]\ncapacity = 0", "store.capacity", "1 to 1000000000"),
             (
@@ -1431,6 +1655,121 @@ mod timeout_hold_tests {
             .to_string();
         assert!(
             e.contains("t.toml") && e.contains("upstream.timeout_hold_ms"),
+            "{e}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+
+    const UPSTREAM: &str = "[upstream]\nurl = \"http://127.0.0.1:3000\"\n";
+
+    #[test]
+    fn redis_store_with_url_and_ttl() {
+        let text = format!("{UPSTREAM}[store]\nkind = \"redis\"\nurl = \"redis://:secret@10.0.0.5:6380/2\"\nidle_ttl_seconds = 60\n");
+        let c = Config::from_toml(&text, "r.toml").unwrap();
+        assert_eq!(c.store.kind, StoreKind::Redis);
+        assert_eq!(
+            c.store.url.as_deref(),
+            Some("redis://:secret@10.0.0.5:6380/2")
+        );
+        assert_eq!(c.store.idle_ttl, Duration::from_secs(60));
+        let summary = c.summary();
+        assert!(
+            summary.contains("redis store at redis://***@10.0.0.5:6380/2"),
+            "{summary}"
+        );
+        assert!(!summary.contains("secret"));
+    }
+}
+
+#[cfg(test)]
+mod limits_tests {
+    use super::*;
+
+    const BASE: &str = "[upstream]\nurl = \"http://127.0.0.1:3000\"\n";
+
+    fn limits(extra: &str) -> Result<LimitsConfig, String> {
+        Config::from_toml(&format!("{BASE}[limits]\n{extra}"), "t.toml")
+            .map(|c| c.limits)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn limits_have_defaults() {
+        let l = Config::from_toml(BASE, "t.toml").unwrap().limits;
+        assert_eq!(l, LimitsConfig::default());
+        assert_eq!(l.max_header_bytes, 32_768);
+        assert_eq!(l.max_etags, 16);
+        assert_eq!(l.max_etag_length, 256);
+        assert_eq!(l.max_body_bytes, None, "0 = off");
+        assert_eq!(l.header_read_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn every_limit_is_read() {
+        let l = limits(
+            "max_header_bytes = 4096\nmax_etags = 2\nmax_etag_length = 100\n\
+             max_body_bytes = 1000\nheader_read_timeout_ms = 1000\n",
+        )
+        .unwrap();
+        assert_eq!(
+            l,
+            LimitsConfig {
+                max_header_bytes: 4096,
+                max_etags: 2,
+                max_etag_length: 100,
+                max_body_bytes: Some(1000),
+                header_read_timeout: Duration::from_secs(1),
+            }
+        );
+        assert_eq!(limits("max_body_bytes = 0\n").unwrap().max_body_bytes, None);
+    }
+
+    #[test]
+    fn a_bad_limit_names_the_file_the_key_and_the_range() {
+        for (line, key, allowed) in [
+            (
+                "max_header_bytes = 100",
+                "limits.max_header_bytes",
+                "1024 to 1048575",
+            ),
+            (
+                "max_header_bytes = 2000000",
+                "limits.max_header_bytes",
+                "1024 to 1048575",
+            ),
+            ("max_etags = 0", "limits.max_etags", "1 to 1024"),
+            (
+                "max_etag_length = 10",
+                "limits.max_etag_length",
+                "64 to 65536",
+            ),
+            (
+                "max_body_bytes = -1",
+                "limits.max_body_bytes",
+                "0 to 1099511627776",
+            ),
+            (
+                "header_read_timeout_ms = 0",
+                "limits.header_read_timeout_ms",
+                "1 to 3600000",
+            ),
+        ] {
+            let e = limits(&format!("{line}\n")).expect_err(line);
+            assert!(e.starts_with(&format!("t.toml: {key} = ")), "{line}: {e}");
+            assert!(e.contains(allowed), "{line}: {e}");
+        }
+        let e = limits("max_header_byte = 1\n").unwrap_err();
+        assert!(
+            e.contains("max_header_byte") && e.contains("`max_header_bytes`"),
+            "{e}"
+        );
+        let e = limits("max_etags = \"many\"\n").unwrap_err();
+        assert!(
+            e.contains("`limits.max_etags`") && e.contains("an integer"),
             "{e}"
         );
     }

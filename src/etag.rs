@@ -1,43 +1,78 @@
 //! Gateway-issued entity tags.
 //!
-//! An [`Etag`] is a random UUID chosen by the gateway. It names one state of one resource as the
-//! gateway vouches for it; the backend never sees it. Random (not counted) so that an etag from
-//! before a restart or from another table can never collide with a current one.
+//! An [`Etag`] is a random UUID chosen by the gateway, optionally prefixed by the store's epoch. It
+//! names one state of one resource as the gateway vouches for it; the backend never sees it. Random
+//! (not counted) so that an etag from before a restart or from another table can never collide with a
+//! current one. The epoch (shared store only) changes when the store loses its history (restart from an
+//! old snapshot, failover): every etag of an older epoch is then stale, even if old data comes back.
 
 use std::fmt;
 use uuid::Uuid;
 
-/// An etag issued by this gateway.
+/// An etag issued by this gateway. Text form: `<uuid>` (epoch 0, the memory store) or
+/// `<epoch>-<uuid>`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Etag(Uuid);
+pub struct Etag {
+    epoch: u64,
+    id: Uuid,
+}
+
+const UUID_LEN: usize = 36;
 
 impl Etag {
     /// A fresh etag that nobody holds yet.
     pub fn fresh() -> Etag {
-        Etag(Uuid::new_v4())
+        Etag::fresh_in(0)
+    }
+
+    /// A fresh etag of a store epoch.
+    pub fn fresh_in(epoch: u64) -> Etag {
+        Etag {
+            epoch,
+            id: Uuid::new_v4(),
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Reads the opaque part of an entity tag as one of ours; `None` if it cannot be one.
     pub fn parse(opaque: &str) -> Option<Etag> {
-        Uuid::try_parse(opaque).ok().map(Etag)
+        if opaque.len() == UUID_LEN {
+            return Uuid::try_parse(opaque).ok().map(|id| Etag { epoch: 0, id });
+        }
+        let (epoch, id) = opaque.split_at_checked(opaque.len().checked_sub(UUID_LEN + 1)?)?;
+        let id = id.strip_prefix('-')?;
+        if epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(Etag {
+            epoch: epoch.parse().ok()?,
+            id: Uuid::try_parse(id).ok()?,
+        })
     }
 
     /// The value for an `ETag` response header: quoted, as RFC 9110 wants.
     pub fn header_value(&self) -> String {
-        format!("\"{}\"", self.0.hyphenated())
+        format!("\"{self}\"")
     }
 }
 
 /// The bare opaque value (no quotes), as it appears inside the conflict body.
 impl fmt::Display for Etag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0.hyphenated())
+        if self.epoch == 0 {
+            write!(f, "{}", self.id.hyphenated())
+        } else {
+            write!(f, "{}-{}", self.epoch, self.id.hyphenated())
+        }
     }
 }
 
 impl fmt::Debug for Etag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Etag({})", self.0.hyphenated())
+        write!(f, "Etag({self})")
     }
 }
 
@@ -52,11 +87,33 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(Etag::parse(&a.to_string()), Some(a));
         assert_eq!(a.header_value(), format!("\"{a}\""));
+        assert_eq!(a.to_string().len(), 36);
+    }
+
+    #[test]
+    fn epochs_are_part_of_the_etag() {
+        let e = Etag::fresh_in(1_796_000_000_123);
+        let text = e.to_string();
+        assert!(text.starts_with("1796000000123-"), "{text}");
+        assert_eq!(Etag::parse(&text), Some(e));
+        assert_eq!(e.epoch(), 1_796_000_000_123);
+        // the same id in another epoch is another etag
+        let other = Etag::parse(&format!("7-{}", &text[text.len() - 36..])).unwrap();
+        assert_ne!(other, e);
     }
 
     #[test]
     fn foreign_values_are_not_etags() {
-        assert_eq!(Etag::parse("rev-12"), None);
-        assert_eq!(Etag::parse(""), None);
+        for bad in [
+            "rev-12",
+            "",
+            "-",
+            "x-dd62a2e0-2744-11df-a9ff-001c251ced36",
+            "-dd62a2e0-2744-11df-a9ff-001c251ced36",
+            "12dd62a2e0-2744-11df-a9ff-001c251ced36",
+            "é-dd62a2e0-2744-11df-a9ff-001c251ced36",
+        ] {
+            assert_eq!(Etag::parse(bad), None, "{bad}");
+        }
     }
 }

@@ -3,7 +3,7 @@
 use clap::Parser;
 use etag_gateway::config::{Cli, Config, StoreKind};
 use etag_gateway::proxy::{Gateway, GatewaySettings};
-use etag_gateway::store::{EtagStore, MemoryStore};
+use etag_gateway::store::{EtagStore, MemoryStore, RedisStore};
 use etag_gateway::upstream::Upstreams;
 use pingora::lb::LoadBalancer;
 use pingora::prelude::*;
@@ -53,8 +53,16 @@ fn init_logging() {
 fn run(config: Config) -> anyhow::Result<std::convert::Infallible> {
     tracing::info!("starting: {}", config.summary());
 
-    let store: Arc<dyn EtagStore> = match config.store.kind {
-        StoreKind::Memory => Arc::new(MemoryStore::new(config.store.capacity)),
+    let store: Arc<dyn EtagStore> = match (config.store.kind, &config.store.url) {
+        (StoreKind::Redis, Some(url)) => {
+            // A reservation outlives the longest a forwarded write can take, with margin.
+            let lease = config.upstream.connect_timeout
+                + config.upstream.read_timeout
+                + config.upstream.timeout_hold
+                + std::time::Duration::from_secs(5);
+            Arc::new(RedisStore::new(url, config.store.idle_ttl, lease)?)
+        }
+        _ => Arc::new(MemoryStore::new(config.store.capacity)),
     };
     let upstreams =
         LoadBalancer::try_from_iter(config.upstream.servers.iter().map(|u| u.address()))

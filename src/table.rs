@@ -71,7 +71,7 @@ impl Entry {
 #[derive(Debug, Clone)]
 pub struct ReadTicket {
     pub key: ResourceKey,
-    version: u64,
+    pub(crate) version: u64,
 }
 
 /// How a read goes on.
@@ -104,9 +104,9 @@ pub enum ReadAnswer {
 pub struct WriteTicket {
     pub key: ResourceKey,
     /// The entry's version right after this reservation.
-    version: u64,
+    pub(crate) version: u64,
     /// The etag to put back if the write certainly did not happen.
-    etag_before: Option<Etag>,
+    pub(crate) etag_before: Option<Etag>,
 }
 
 /// A write let through.
@@ -141,6 +141,24 @@ pub enum WriteOutcome {
     /// The backend refused the precondition it was sent (412): the resource changed behind the
     /// gateway. Not applied, and the state the gateway knew is gone.
     ChangedBehind,
+}
+
+/// How a read goes on, given the entry's state when it starts (shared by every store).
+pub fn plan_read(
+    ticket: ReadTicket,
+    etag: Option<Etag>,
+    settled: bool,
+    backend: &BackendValidator,
+    if_none_match: Option<&IfNoneMatch>,
+) -> ReadStart {
+    let client_copy_is_current =
+        settled && if_none_match.is_some_and(|inm| inm.matches_weakly(etag.as_ref()));
+    let revalidate = match (client_copy_is_current, etag) {
+        (true, Some(etag)) if backend.is_empty() => return ReadStart::NotModified(etag),
+        (true, _) => Some(backend.clone()),
+        (false, _) => None,
+    };
+    ReadStart::Forward { ticket, revalidate }
 }
 
 pub struct EtagTable {
@@ -204,20 +222,16 @@ impl EtagTable {
             // promotes the entry in the LRU: reads keep resources alive
             None => self.idle.get(key).expect("inserted above"),
         };
-        let client_copy_is_current = entry.settled()
-            && if_none_match.is_some_and(|inm| inm.matches_weakly(entry.etag.as_ref()));
-        let revalidate = match (client_copy_is_current, entry.etag) {
-            (true, Some(etag)) if entry.backend.is_empty() => return ReadStart::NotModified(etag),
-            (true, _) => Some(entry.backend.clone()),
-            (false, _) => None,
-        };
-        ReadStart::Forward {
-            ticket: ReadTicket {
+        plan_read(
+            ReadTicket {
                 key: key.clone(),
                 version: entry.version,
             },
-            revalidate,
-        }
+            entry.etag,
+            entry.settled(),
+            &entry.backend,
+            if_none_match,
+        )
     }
 
     /// A read's answer arrived. Returns the etag that names the body just read, or `None` when a

@@ -3,6 +3,7 @@
 //! store's side: check-and-reserve is one step, never a read followed by a write.
 
 pub mod memory;
+pub mod redis;
 
 use crate::etag::Etag;
 use crate::precondition::{IfMatch, IfNoneMatch, Preconditions};
@@ -14,6 +15,7 @@ use crate::table::{
 use async_trait::async_trait;
 
 pub use memory::MemoryStore;
+pub use redis::RedisStore;
 
 /// The store could not answer; the request gets a 503 and nothing is forwarded.
 #[derive(Debug, thiserror::Error)]
