@@ -106,7 +106,28 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub store: StoreConfig,
     pub limits: LimitsConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
 }
+
+/// `[admin]`: the admin listener (metrics, health, etag lookup). Off unless `listen` is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: Option<SocketAddr>,
+    /// Bearer token for `/etags`; without it that API is off.
+    pub token: Option<String>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogConfig {
+    /// One line per request at target `etag_gateway::access`.
+    pub access: bool,
+    pub json: bool,
+}
+
+/// Shortest admin token accepted: anything shorter is guessable.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
 /// `[server]`: where the gateway listens and how it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,7 +241,8 @@ impl Default for LimitsConfig {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_etags: DEFAULT_MAX_ETAGS,
             max_etag_length: DEFAULT_MAX_ETAG_LENGTH,
-            max_body_bytes: (DEFAULT_MAX_BODY_BYTES > 0).then_some(DEFAULT_MAX_BODY_BYTES),
+            // DEFAULT_MAX_BODY_BYTES is 0: no limit
+            max_body_bytes: None,
             header_read_timeout: Duration::from_millis(DEFAULT_HEADER_READ_TIMEOUT_MS),
         }
     }
@@ -481,6 +503,31 @@ struct FileConfig {
     policy: FilePolicy,
     store: FileStore,
     limits: FileLimits,
+    admin: FileAdmin,
+    log: FileLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileAdmin {
+    listen: Option<String>,
+    token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileLog {
+    access: bool,
+    format: String,
+}
+
+impl Default for FileLog {
+    fn default() -> Self {
+        FileLog {
+            access: false,
+            format: "text".to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -759,8 +806,55 @@ impl FileConfig {
         // [limits]
         let limits = self.limits.validate(&key)?;
 
+        // [admin]
+        let admin_listen = match &self.admin.listen {
+            None => None,
+            Some(text) => {
+                let addr: SocketAddr = text.parse().map_err(|_| {
+                    key("admin.listen").reject(quoted(text), "an IP:port, e.g. \"127.0.0.1:9091\"")
+                })?;
+                if listen.contains(&addr) {
+                    return Err(key("admin.listen").reject(
+                        quoted(text),
+                        "must differ from server.listen: the admin API is never on the public listener",
+                    ));
+                }
+                Some(addr)
+            }
+        };
+        if let Some(token) = &self.admin.token {
+            if token.len() < MIN_ADMIN_TOKEN_LEN
+                || token.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(key("admin.token").reject(
+                    "(hidden)",
+                    format!("at least {MIN_ADMIN_TOKEN_LEN} characters, no spaces"),
+                ));
+            }
+            if admin_listen.is_none() {
+                return Err(key("admin.token").reject("(hidden)", "needs admin.listen"));
+            }
+        }
+
+        // [log]
+        let json = match self.log.format.as_str() {
+            "text" => false,
+            "json" => true,
+            other => {
+                return Err(key("log.format").reject(quoted(other), "allowed: \"text\", \"json\""))
+            }
+        };
+
         Ok(Config {
             limits,
+            admin: AdminConfig {
+                listen: admin_listen,
+                token: self.admin.token,
+            },
+            log: LogConfig {
+                access: self.log.access,
+                json,
+            },
             server: ServerConfig {
                 listen,
                 threads: threads as usize,
@@ -1772,5 +1866,47 @@ mod limits_tests {
             e.contains("`limits.max_etags`") && e.contains("an integer"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod admin_log_tests {
+    use super::*;
+
+    const UPSTREAM: &str = "[upstream]\nurl = \"http://127.0.0.1:3000\"\n";
+
+    fn err(text: &str) -> String {
+        Config::from_toml(&format!("{UPSTREAM}{text}"), "a.toml")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn admin_and_log_sections() {
+        let c = Config::from_toml(
+            &format!("{UPSTREAM}[admin]\nlisten = \"127.0.0.1:9091\"\ntoken = \"0123456789abcdef\"\n[log]\naccess = true\nformat = \"json\"\n"),
+            "a.toml",
+        )
+        .unwrap();
+        assert_eq!(c.admin.listen, Some("127.0.0.1:9091".parse().unwrap()));
+        assert_eq!(c.admin.token.as_deref(), Some("0123456789abcdef"));
+        assert!(c.log.access && c.log.json);
+        let c = Config::from_toml(UPSTREAM, "a.toml").unwrap();
+        assert_eq!(c.admin, AdminConfig::default());
+        assert!(!c.log.access);
+    }
+
+    #[test]
+    fn admin_and_log_errors_name_the_key() {
+        let e = err("[admin]\nlisten = \"nowhere\"\n");
+        assert!(e.contains("a.toml") && e.contains("admin.listen"), "{e}");
+        let e = err("[admin]\nlisten = \"0.0.0.0:8080\"\n");
+        assert!(e.contains("must differ from server.listen"), "{e}");
+        let e = err("[admin]\nlisten = \"127.0.0.1:9091\"\ntoken = \"short\"\n");
+        assert!(e.contains("admin.token") && !e.contains("short\""), "{e}");
+        let e = err("[admin]\ntoken = \"0123456789abcdef\"\n");
+        assert!(e.contains("needs admin.listen"), "{e}");
+        let e = err("[log]\nformat = \"xml\"\n");
+        assert!(e.contains("log.format") && e.contains("json"), "{e}");
     }
 }

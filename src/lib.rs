@@ -6,11 +6,15 @@
 //! gateway says itself). [`store`] puts the table behind one trait; [`proxy`] is the thin Pingora glue;
 //! [`config`] reads the TOML file and the command line.
 
+pub mod admin;
 pub mod answers;
 pub mod config;
 pub mod etag;
+pub mod header_deadline;
+pub mod metrics;
 pub mod precondition;
 pub mod proxy;
+pub mod request_guard;
 pub mod resource_key;
 pub mod store;
 pub mod table;

@@ -1,15 +1,19 @@
 //! `etag-gateway`: reads the configuration (file, then flags), then runs the Pingora server.
 
 use clap::Parser;
+use etag_gateway::admin::AdminApp;
 use etag_gateway::config::{Cli, Config, StoreKind};
 use etag_gateway::proxy::{Gateway, GatewaySettings};
 use etag_gateway::store::{EtagStore, MemoryStore, RedisStore};
 use etag_gateway::upstream::Upstreams;
+use pingora::apps::http_app::HttpServer;
 use pingora::lb::LoadBalancer;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
+use pingora::services::listening::Service;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -29,7 +33,7 @@ fn main() -> ExitCode {
         println!("{origin}: ok: {}", config.summary());
         return ExitCode::SUCCESS;
     }
-    init_logging();
+    init_logging(config.log.json);
     match run(config) {
         Ok(never) => match never {},
         Err(e) => {
@@ -39,31 +43,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(json: bool) {
     // Pingora logs through `log`; the subscriber's tracing-log bridge collects those lines too.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
 }
 
 fn run(config: Config) -> anyhow::Result<std::convert::Infallible> {
     tracing::info!("starting: {}", config.summary());
 
-    let store: Arc<dyn EtagStore> = match (config.store.kind, &config.store.url) {
-        (StoreKind::Redis, Some(url)) => {
-            // A reservation outlives the longest a forwarded write can take, with margin.
-            let lease = config.upstream.connect_timeout
-                + config.upstream.read_timeout
-                + config.upstream.timeout_hold
-                + std::time::Duration::from_secs(5);
-            Arc::new(RedisStore::new(url, config.store.idle_ttl, lease)?)
-        }
-        _ => Arc::new(MemoryStore::new(config.store.capacity)),
-    };
     let upstreams =
         LoadBalancer::try_from_iter(config.upstream.servers.iter().map(|u| u.address()))
             .map_err(|e| anyhow::anyhow!("cannot resolve the upstream addresses: {e}"))?;
@@ -77,18 +74,40 @@ fn run(config: Config) -> anyhow::Result<std::convert::Infallible> {
         require_if_match: config.policy.require_if_match,
         guarded_methods: config.policy.guarded_methods.clone(),
         unknown_outcome_hold: config.upstream.timeout_hold,
+        access_log: config.log.access,
+        body_deadline: config.upstream.read_timeout,
+        body_read_timeout: config.upstream.read_timeout.min(Duration::from_secs(10)),
+    };
+    let store: Arc<dyn EtagStore> = match (config.store.kind, &config.store.url) {
+        (StoreKind::Redis, Some(url)) => {
+            // A reservation outlives the longest a forwarded write can take, with margin.
+            let lease = settings.longest_write(
+                config.upstream.connect_timeout,
+                config.upstream.read_timeout,
+            ) + Duration::from_secs(5);
+            Arc::new(RedisStore::new(url, config.store.idle_ttl, lease)?)
+        }
+        _ => Arc::new(MemoryStore::new(config.store.capacity)),
     };
 
+    let admin_store = store.clone();
     let mut server = Server::new_with_opt_and_conf(Opt::default(), pingora_conf(&config));
     server.bootstrap();
     let mut proxy = pingora::proxy::http_proxy_service(
         &server.configuration,
-        Gateway::new(store, Arc::new(upstreams), settings),
+        Gateway::new(store.clone(), Arc::new(upstreams), settings),
     );
     for addr in &config.server.listen {
         proxy.add_tcp(&addr.to_string());
     }
     server.add_service(proxy);
+    if let Some(addr) = config.admin.listen {
+        let app = AdminApp::new(admin_store, config.admin.token.clone());
+        let mut admin = Service::new("etag-gateway admin".to_string(), HttpServer::new_app(app));
+        admin.add_tcp(&addr.to_string());
+        server.add_service(admin);
+        tracing::info!(%addr, etag_api = config.admin.token.is_some(), "admin listener");
+    }
     server.run_forever()
 }
 

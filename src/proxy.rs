@@ -16,6 +16,7 @@
 
 use crate::answers::{self, GatewayAnswer};
 use crate::etag::Etag;
+use crate::metrics::{Metrics, RequestOutcome};
 use crate::precondition::Preconditions;
 use crate::resource_key::ResourceKey;
 use crate::store::EtagStore;
@@ -31,7 +32,7 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What the proxy needs to know about its policy.
 pub struct GatewaySettings {
@@ -42,6 +43,25 @@ pub struct GatewaySettings {
     /// The backend may still be working on it: until it is settled, reads get no etag and
     /// conditional writes are refused, so a late apply cannot overwrite a newer write.
     pub unknown_outcome_hold: Duration,
+    /// One `access` log line per request (target `etag_gateway::access`, level info).
+    pub access_log: bool,
+    /// A reserved write's request body must be read within this, counted from the reservation, and
+    /// each piece of it within `body_read_timeout`: a write cannot outlive its reservation (a shared
+    /// store's lease) by a client sending its body slowly.
+    pub body_deadline: Duration,
+    pub body_read_timeout: Duration,
+}
+
+impl GatewaySettings {
+    /// The longest a reserved write can take from reservation to settlement: the lease a shared store
+    /// must give it (plus margin).
+    pub fn longest_write(&self, connect_timeout: Duration, read_timeout: Duration) -> Duration {
+        self.body_deadline
+            + self.body_read_timeout
+            + connect_timeout
+            + read_timeout
+            + self.unknown_outcome_hold
+    }
 }
 
 pub struct Gateway {
@@ -103,6 +123,35 @@ pub struct RequestCtx {
     handed_out: Option<Etag>,
     /// An answer decided after the backend answered (its 412 becomes the gateway's conflict).
     late_answer: Option<GatewayAnswer>,
+    /// What the gateway did with the request (for the metrics and the access log).
+    outcome: Option<RequestOutcome>,
+    /// When the write was reserved.
+    reserved_at: Option<Instant>,
+    /// When the request was sent to the backend.
+    upstream_started: Option<Instant>,
+    upstream_time: Option<Duration>,
+}
+
+/// The metrics' name for an answer the gateway gave itself.
+fn outcome_of(status: StatusCode, conflict_status: StatusCode) -> RequestOutcome {
+    match status {
+        s if s == conflict_status => RequestOutcome::Conflict,
+        StatusCode::NOT_MODIFIED => RequestOutcome::NotModified,
+        StatusCode::PRECONDITION_REQUIRED => RequestOutcome::PreconditionRequired,
+        StatusCode::SERVICE_UNAVAILABLE => RequestOutcome::StoreUnavailable,
+        s if s.is_client_error() => RequestOutcome::BadRequest,
+        _ => RequestOutcome::Forwarded,
+    }
+}
+
+fn write_outcome_index(outcome: WriteOutcome) -> usize {
+    match outcome {
+        WriteOutcome::Applied(_) => 0,
+        WriteOutcome::AppliedUnnamed => 1,
+        WriteOutcome::NotApplied => 2,
+        WriteOutcome::Unknown => 3,
+        WriteOutcome::ChangedBehind => 4,
+    }
 }
 
 fn changes_nothing(method: &Method) -> bool {
@@ -272,6 +321,7 @@ impl Gateway {
         }
         ctx.backend_precondition = reservation.backend_precondition;
         ctx.write = Some(pending);
+        ctx.reserved_at = Some(Instant::now());
         None
     }
 
@@ -282,6 +332,7 @@ impl Gateway {
         validator: BackendValidator,
     ) -> Option<Etag> {
         let ticket = ctx.write.as_mut()?.take()?;
+        Metrics::get().write_settled(write_outcome_index(outcome));
         match self.store.settle_write(ticket, outcome, validator).await {
             Ok(etag) => etag,
             Err(e) => {
@@ -352,13 +403,46 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         match self.admit(session, ctx).await {
-            None => Ok(false),
+            None => {
+                ctx.outcome = Some(RequestOutcome::Forwarded);
+                if ctx.reserved_at.is_some() {
+                    // Bound how long a slow body can keep the reservation (see body_deadline).
+                    session
+                        .as_downstream_mut()
+                        .set_read_timeout(Some(self.settings.body_read_timeout));
+                }
+                Ok(false)
+            }
             Some(answer) => {
+                ctx.outcome = Some(outcome_of(answer.status, self.settings.conflict_status));
+                if answer.status == StatusCode::NOT_MODIFIED {
+                    Metrics::get().etags_issued.inc();
+                }
                 tracing::debug!(status = answer.status.as_u16(), key = ?ctx.key, "answered by the gateway");
                 send_answer(session, answer).await?;
                 Ok(true)
             }
         }
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if ctx
+            .reserved_at
+            .is_some_and(|at| at.elapsed() > self.settings.body_deadline)
+        {
+            // The body is cut short: the backend gets an incomplete request and cannot apply it.
+            return Error::e_explain(
+                ErrorType::HTTPStatus(StatusCode::REQUEST_TIMEOUT.as_u16()),
+                "the request body took longer than a write may hold its reservation",
+            );
+        }
+        Ok(())
     }
 
     async fn upstream_peer(
@@ -412,6 +496,7 @@ impl ProxyHttp for Gateway {
             }
         }
         ctx.sent_to_backend = true;
+        ctx.upstream_started = Some(Instant::now());
         Ok(())
     }
 
@@ -423,6 +508,13 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         if resp.status.is_informational() {
             return Ok(());
+        }
+        if let Some(started) = ctx.upstream_started {
+            let elapsed = started.elapsed();
+            ctx.upstream_time = Some(elapsed);
+            Metrics::get()
+                .upstream_seconds
+                .observe(elapsed.as_secs_f64());
         }
         let validator = backend_validator(&resp.headers);
         // Clients only ever see gateway etags.
@@ -475,6 +567,7 @@ impl ProxyHttp for Gateway {
             None
         };
         if let Some(etag) = etag {
+            Metrics::get().etags_issued.inc();
             resp.insert_header("ETag", etag.header_value())?;
         }
         Ok(())
@@ -515,6 +608,7 @@ impl ProxyHttp for Gateway {
         // request on a connection about to close.
         session.as_downstream_mut().set_keepalive(None);
         if let Some(answer) = ctx.late_answer.clone() {
+            ctx.outcome = Some(RequestOutcome::Conflict);
             let code = answer.status.as_u16();
             if writable {
                 if let Err(err) = send_answer(session, answer).await {
@@ -602,12 +696,21 @@ impl ProxyHttp for Gateway {
                 tracing::error!(error = %e, "could not withdraw an etag");
             }
         }
-        tracing::debug!(
-            method = %session.req_header().method,
-            key = ?ctx.key,
-            status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0),
-            "request done"
-        );
+        let method = &session.req_header().method;
+        if let Some(outcome) = ctx.outcome {
+            Metrics::get().request(method, outcome);
+        }
+        if self.settings.access_log {
+            tracing::info!(
+                target: "etag_gateway::access",
+                method = %method,
+                path = %session.req_header().uri.path(),
+                status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0),
+                outcome = ctx.outcome.map_or("none", RequestOutcome::as_str),
+                upstream_ms = ctx.upstream_time.map(|d| d.as_secs_f64() * 1000.0),
+                error = e.map(|e| e.etype().as_str()),
+            );
+        }
     }
 }
 

@@ -88,6 +88,14 @@ pub enum ReadStart {
     },
 }
 
+/// A resource's entry as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryState {
+    pub etag: Option<Etag>,
+    pub writes_in_flight: u32,
+    pub backend: BackendValidator,
+}
+
 /// What the backend answered to a read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadAnswer {
@@ -176,6 +184,15 @@ impl EtagTable {
         }
     }
 
+    /// Puts an idle entry in the LRU; the least recently used one goes if the table is full.
+    fn keep_idle(&mut self, key: ResourceKey, entry: Entry) {
+        if let Some((evicted, _)) = self.idle.push(key.clone(), entry) {
+            if evicted != key {
+                crate::metrics::Metrics::get().table_evictions.inc();
+            }
+        }
+    }
+
     fn next_version(&mut self) -> u64 {
         self.last_version += 1;
         self.last_version
@@ -215,7 +232,7 @@ impl EtagTable {
     ) -> ReadStart {
         if self.peek(key).is_none() {
             let version = self.next_version();
-            self.idle.push(key.clone(), Entry::new(version));
+            self.keep_idle(key.clone(), Entry::new(version));
         }
         let entry = match self.busy.get(key) {
             Some(e) => e,
@@ -396,7 +413,7 @@ impl EtagTable {
         entry.version = version;
         if entry.settled() {
             if let Some(entry) = self.busy.remove(&ticket.key) {
-                self.idle.push(ticket.key.clone(), entry);
+                self.keep_idle(ticket.key.clone(), entry);
             }
         }
         if !matches!(
@@ -424,7 +441,7 @@ impl EtagTable {
         entry.etag = Some(etag);
         entry.version = version;
         entry.backend = validator;
-        self.idle.push(key.clone(), entry);
+        self.keep_idle(key.clone(), entry);
         Some(etag)
     }
 
@@ -438,6 +455,26 @@ impl EtagTable {
                 entry.backend = BackendValidator::default();
                 entry.version = version;
             }
+        }
+    }
+
+    /// What the table holds for a resource (admin API).
+    pub fn describe(&self, key: &ResourceKey) -> Option<EntryState> {
+        self.peek(key).map(|e| EntryState {
+            etag: e.etag,
+            writes_in_flight: e.writes_in_flight,
+            backend: e.backend.clone(),
+        })
+    }
+
+    /// Forgets the current etag (admin invalidation): it stops matching; the next read names the
+    /// state with a fresh one.
+    pub fn invalidate(&mut self, key: &ResourceKey) {
+        let version = self.next_version();
+        if let Some(entry) = self.peek_mut(key) {
+            entry.etag = None;
+            entry.backend = BackendValidator::default();
+            entry.version = version;
         }
     }
 
@@ -959,5 +996,18 @@ mod tests {
         assert_eq!(t.current(&root), None);
         assert!(write(&mut t, &docs, Some(ed)).is_err());
         assert!(write(&mut t, &root, Some(er)).is_err());
+    }
+
+    #[test]
+    fn invalidation_makes_the_etag_stop_matching() {
+        let mut t = table(10);
+        let k = key("/a");
+        let e = read(&mut t, &k).unwrap();
+        assert_eq!(t.describe(&k).unwrap().etag, Some(e));
+        t.invalidate(&k);
+        assert_eq!(t.describe(&k).unwrap().etag, None);
+        assert!(write(&mut t, &k, Some(e)).is_err());
+        assert_ne!(read(&mut t, &k), Some(e));
+        assert_eq!(t.describe(&key("/never")), None);
     }
 }

@@ -8,8 +8,8 @@ use crate::etag::Etag;
 use crate::precondition::{IfMatch, IfNoneMatch, Preconditions};
 use crate::resource_key::ResourceKey;
 use crate::table::{
-    BackendValidator, EtagTable, ReadAnswer, ReadStart, ReadTicket, Refusal, Reservation,
-    WriteOutcome, WriteTicket,
+    BackendValidator, EntryState, EtagTable, ReadAnswer, ReadStart, ReadTicket, Refusal,
+    Reservation, WriteOutcome, WriteTicket,
 };
 use async_trait::async_trait;
 use std::num::NonZeroUsize;
@@ -96,6 +96,19 @@ impl EtagStore for MemoryStore {
     async fn withdraw(&self, key: &ResourceKey, etag: Etag) -> Result<(), StoreError> {
         self.table().withdraw(key, etag);
         Ok(())
+    }
+
+    async fn describe(&self, key: &ResourceKey) -> Result<Option<EntryState>, StoreError> {
+        Ok(self.table().describe(key))
+    }
+
+    async fn invalidate(&self, key: &ResourceKey) -> Result<(), StoreError> {
+        self.table().invalidate(key);
+        Ok(())
+    }
+
+    fn local_entries(&self) -> Option<usize> {
+        Some(self.len())
     }
 
     fn settle_abandoned(&self, ticket: WriteTicket) {

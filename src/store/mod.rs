@@ -9,8 +9,8 @@ use crate::etag::Etag;
 use crate::precondition::{IfMatch, IfNoneMatch, Preconditions};
 use crate::resource_key::ResourceKey;
 use crate::table::{
-    BackendValidator, ReadAnswer, ReadStart, ReadTicket, Refusal, Reservation, WriteOutcome,
-    WriteTicket,
+    BackendValidator, EntryState, ReadAnswer, ReadStart, ReadTicket, Refusal, Reservation,
+    WriteOutcome, WriteTicket,
 };
 use async_trait::async_trait;
 
@@ -64,6 +64,14 @@ pub trait EtagStore: Send + Sync + 'static {
     /// The etag handed out for an applied write turned out not to be trustworthy (the answer broke off
     /// after its headers): unless something else changed since, the resource's state becomes unknown.
     async fn withdraw(&self, key: &ResourceKey, etag: Etag) -> Result<(), StoreError>;
+    /// What the store holds for a resource (admin API); `None` if nothing.
+    async fn describe(&self, key: &ResourceKey) -> Result<Option<EntryState>, StoreError>;
+    /// Forget a resource's etag (admin API): it stops matching at once.
+    async fn invalidate(&self, key: &ResourceKey) -> Result<(), StoreError>;
+    /// Entries held in this process, for the metrics (`None`: the table lives elsewhere).
+    fn local_entries(&self) -> Option<usize> {
+        None
+    }
     /// Settle a write whose request was dropped without an outcome (gateway shutting down, task
     /// cancelled) as unknown: must not block.
     fn settle_abandoned(&self, ticket: WriteTicket);

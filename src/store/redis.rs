@@ -12,9 +12,10 @@
 //!   **unknown outcome** (no etag anyone holds), never as "free".
 //! - Versions follow the server clock (µs), so an entry created again after expiry never repeats an old
 //!   version a read ticket might hold.
-//! - Epochs: `eg:identity` keeps the server's `run_id` and the epoch. Each script first checks the
-//!   server's `run_id` against the one the gateway knows; a new identity (restart, failover, restore from
-//!   an old snapshot) makes the gateway adopt a new, larger epoch. Entries of another epoch are
+//! - Epochs: `eg:identity` keeps the server's identity (`run_id` and replication id) and the epoch.
+//!   Each script first checks the server's identity against the one the gateway knows; a new identity
+//!   (restart, restore from an old snapshot, failover, resynchronisation from a lagging server) makes
+//!   the gateway adopt a new, larger epoch. Entries of another epoch are
 //!   discarded on sight, and etags carry their epoch, so no older etag can become current again.
 //!   (The identity is one server's: Redis Cluster would need one per shard, which is not done.)
 //! - Failing closed: when Redis cannot answer, the store returns an error; the proxy refuses writes
@@ -25,8 +26,8 @@ use crate::etag::Etag;
 use crate::precondition::{IfMatch, IfNoneMatch, Preconditions, TagSet};
 use crate::resource_key::ResourceKey;
 use crate::table::{
-    plan_read, BackendValidator, ReadAnswer, ReadStart, ReadTicket, Refusal, Reservation,
-    WriteOutcome, WriteTicket,
+    plan_read, BackendValidator, EntryState, ReadAnswer, ReadStart, ReadTicket, Refusal,
+    Reservation, WriteOutcome, WriteTicket,
 };
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -40,7 +41,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const PRELUDE: &str = r#"
 local key, leases = KEYS[1], KEYS[2]
 local rid, epoch, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') ~= rid then
+-- (identity() is inserted here)
+if identity() ~= rid then
   return redis.error_reply('EGIDENTITY the store has a new identity')
 end
 local function now_ms()
@@ -54,10 +56,20 @@ local function next_version(v)
   return now
 end
 local function vstr(v) return string.format('%.0f', v) end
+-- An idle entry lives for the idle TTL; one with writes in flight at least a minute past its last
+-- lease, so that it can never expire (and be taken for unknown-and-free) under a reservation.
+local function keep_alive(ent)
+  local keep = ttl
+  if ent.n > 0 then
+    local last = redis.call('ZRANGE', leases, -1, -1, 'WITHSCORES')
+    if last[2] then keep = math.max(ttl, tonumber(last[2]) - now_ms() + 60000) end
+    redis.call('PEXPIRE', leases, keep)
+  end
+  redis.call('PEXPIRE', key, keep)
+end
 local function save(ent)
   redis.call('HSET', key, 'e', ent.e, 'v', vstr(ent.v), 'n', ent.n, 'be', ent.be, 'lm', ent.lm, 'ep', epoch)
-  redis.call('PEXPIRE', key, ttl)
-  if ent.n > 0 then redis.call('PEXPIRE', leases, ttl) end
+  keep_alive(ent)
 end
 local function new_entry() return {e = '', v = next_version(nil), n = 0, be = '', lm = ''} end
 local function load()
@@ -94,15 +106,15 @@ if not ent then
   ent = new_entry()
   save(ent)
 else
-  redis.call('PEXPIRE', key, ttl)
+  keep_alive(ent)
 end
 return {vstr(ent.v), ent.e, ent.n, ent.be, ent.lm}
 "#;
 
 const VIEW: &str = r#"
 local ent = load()
-if not ent then return {'', 1} end
-return {ent.e, ent.n}
+if not ent then return {'', 1, '', '', 0} end
+return {ent.e, ent.n, ent.be, ent.lm, 1}
 "#;
 
 // ARGV[4] ticket version, [5] answer F(ound)/G(one)/X, [6] backend etag, [7] last-modified, [8] fresh etag
@@ -231,15 +243,26 @@ return false
 /// Adopts the server's identity: the same `run_id` keeps its epoch; a new one gets a new epoch, larger
 /// than any before (the server clock in ms, or the old epoch + 1).
 const IDENTITY: &str = r#"
-local rid = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local rid = identity()
+local policy = string.match(redis.call('INFO', 'memory'), 'maxmemory_policy:([%w-]+)') or ''
 local h = redis.call('HMGET', KEYS[1], 'rid', 'epoch')
-if h[1] == rid and h[2] then return {rid, h[2]} end
+if h[1] == rid and h[2] then return {rid, h[2], policy} end
 local t = redis.call('TIME')
 local ep = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if h[2] and tonumber(h[2]) >= ep then ep = tonumber(h[2]) + 1 end
 local eps = string.format('%.0f', ep)
 redis.call('HSET', KEYS[1], 'rid', rid, 'epoch', eps)
-return {rid, eps}
+return {rid, eps, policy}
+"#;
+
+/// The server's identity: its `run_id` (new at every start) and its replication id (new when it is
+/// promoted or resynchronised from another server, whose data may lag).
+const IDENTITY_FN: &str = r#"
+local function identity()
+  local server = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+  local replication = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or ''
+  return server .. ':' .. replication
+end
 "#;
 
 const IDENTITY_KEY: &str = "eg:identity";
@@ -260,7 +283,8 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Scripts {
-        let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        let prelude = PRELUDE.replace("-- (identity() is inserted here)", IDENTITY_FN);
+        let with_prelude = |body: &str| Script::new(&format!("{prelude}{body}"));
         Scripts {
             begin_read: with_prelude(BEGIN_READ),
             view: with_prelude(VIEW),
@@ -270,7 +294,7 @@ impl Scripts {
             forget: with_prelude(FORGET),
             register_created: with_prelude(REGISTER_CREATED),
             withdraw: with_prelude(WITHDRAW),
-            identity: Script::new(IDENTITY),
+            identity: Script::new(&format!("{IDENTITY_FN}{IDENTITY}")),
         }
     }
 }
@@ -350,7 +374,7 @@ impl RedisStore {
         let mut connection = self
             .connection()
             .map_err(|e| RedisError::from((redis::ErrorKind::Client, "no connection", e.0)))?;
-        let (run_id, epoch): (String, String) = self
+        let (run_id, epoch, policy): (String, String, String) = self
             .scripts
             .identity
             .key(IDENTITY_KEY)
@@ -362,7 +386,14 @@ impl RedisStore {
         };
         let mut cached = self.identity.write().unwrap_or_else(|p| p.into_inner());
         if cached.as_ref().map(|c| c.epoch) != Some(identity.epoch) {
-            tracing::info!(run_id = %identity.run_id, epoch = identity.epoch, "redis store identity adopted");
+            tracing::info!(identity = %identity.run_id, epoch = identity.epoch, "redis store identity adopted");
+            if policy != "noeviction" {
+                tracing::warn!(
+                    maxmemory_policy = %policy,
+                    "Redis may evict keys under memory pressure, including a resource with a write in \
+                     flight: set maxmemory-policy noeviction (entries expire by their TTL)"
+                );
+            }
         }
         *cached = Some(identity.clone());
         Ok(identity)
@@ -653,6 +684,21 @@ impl EtagStore for RedisStore {
         let _: Option<String> = self
             .run(&self.scripts.withdraw, key, |_| vec![etag.to_string()])
             .await?;
+        Ok(())
+    }
+
+    async fn describe(&self, key: &ResourceKey) -> Result<Option<EntryState>, StoreError> {
+        let (etag, in_flight, be, lm, known): (String, u32, String, String, u32) =
+            self.run(&self.scripts.view, key, |_| vec![]).await?;
+        Ok((known == 1).then(|| EntryState {
+            etag: etag_from(&etag),
+            writes_in_flight: in_flight,
+            backend: validator_from(be, lm),
+        }))
+    }
+
+    async fn invalidate(&self, key: &ResourceKey) -> Result<(), StoreError> {
+        let _: bool = self.run(&self.scripts.forget, key, |_| vec![]).await?;
         Ok(())
     }
 

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // each test crate uses a different subset
 
+pub mod torture;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -410,4 +412,321 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
         data = data.get(size + 2..).unwrap_or_default();
     }
     out
+}
+
+impl Gateway {
+    /// Kills the gateway with SIGKILL, as a crash would: no graceful shutdown, reservations it holds
+    /// are left behind. Dropping it afterwards is fine.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// A reply of a Redis server (RESP2), as read by [`Redis::command`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<String>),
+    Array(Option<Vec<Resp>>),
+}
+
+impl Resp {
+    /// The text of a simple or bulk string (`None` for nil, errors, ints, arrays).
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            Resp::Simple(s) | Resp::Bulk(Some(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The items of an array (empty for nil and non-arrays).
+    pub fn items(&self) -> &[Resp] {
+        match self {
+            Resp::Array(Some(items)) => items,
+            _ => &[],
+        }
+    }
+}
+
+fn read_resp(reader: &mut impl BufRead) -> std::io::Result<Resp> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let line = line.trim_end_matches(['\r', '\n']);
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("RESP: {line:?}"));
+    let (kind, rest) = line.split_at_checked(1).ok_or_else(bad)?;
+    let number = || rest.parse::<i64>().map_err(|_| bad());
+    Ok(match kind {
+        "+" => Resp::Simple(rest.to_string()),
+        "-" => Resp::Error(rest.to_string()),
+        ":" => Resp::Int(number()?),
+        "$" => match number()? {
+            n if n < 0 => Resp::Bulk(None),
+            n => {
+                let mut buf = vec![0; n as usize + 2];
+                reader.read_exact(&mut buf)?;
+                buf.truncate(n as usize);
+                Resp::Bulk(Some(String::from_utf8_lossy(&buf).into_owned()))
+            }
+        },
+        "*" => match number()? {
+            n if n < 0 => Resp::Array(None),
+            n => Resp::Array(Some(
+                (0..n)
+                    .map(|_| read_resp(reader))
+                    .collect::<std::io::Result<_>>()?,
+            )),
+        },
+        _ => return Err(bad()),
+    })
+}
+
+/// A `redis-server` child process on a free loopback port, in its own temp directory (its log is
+/// `stderr.log` there, kept across restarts). No persistence, unless started with
+/// [`Redis::start_with_snapshots`]: then `SAVE` writes `dump.rdb` in that directory and a restart
+/// loads it. Killed on Drop.
+pub struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    snapshots: bool,
+}
+
+impl Redis {
+    /// `redis-server --port P --bind 127.0.0.1 --save "" --appendonly no --dir <temp dir>`.
+    pub fn start() -> Redis {
+        Redis::start_with(false)
+    }
+
+    /// Like [`Redis::start`], with `--dbfilename dump.rdb`: snapshots only on `SAVE` ([`Redis::save`]).
+    pub fn start_with_snapshots() -> Redis {
+        Redis::start_with(true)
+    }
+
+    fn start_with(snapshots: bool) -> Redis {
+        let dir = unique_temp_dir("redis");
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut redis = Redis {
+                child: None,
+                port: free_port(),
+                dir: dir.clone(),
+                snapshots,
+            };
+            match redis.spawn() {
+                Ok(()) => return redis,
+                // The free port was taken in between: try another one.
+                Err(log)
+                    if attempt < 3 && log.to_lowercase().contains("address already in use") =>
+                {
+                    continue
+                }
+                Err(log) => {
+                    // Keep the directory out of Drop's hands: the log is in the panic message.
+                    std::mem::forget(redis);
+                    panic!("redis-server did not start\n---- redis-server log ----\n{log}\n---- end ----");
+                }
+            }
+        }
+    }
+
+    /// Starts the server on `self.port`; waits until it answers `PING`. `Err(log tail)` otherwise.
+    fn spawn(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "redis-server is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("stderr.log"))
+            .expect("open redis log");
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir);
+        if self.snapshots {
+            cmd.args(["--dbfilename", "dump.rdb"]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("spawn redis-server (is it installed? scripts/setup.sh): {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Resp::Simple(pong)) = self.try_command(&["PING"]) {
+                if pong == "PONG" {
+                    self.child = Some(child);
+                    return Ok(());
+                }
+            }
+            let problem = match child.try_wait() {
+                Ok(Some(status)) => Some(format!("redis-server exited: {status}")),
+                _ if Instant::now() > deadline => {
+                    Some("redis-server not answering after 20 s".into())
+                }
+                _ => None,
+            };
+            if let Some(msg) = problem {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{msg}\n{}",
+                    tail(&self.dir.join("stderr.log"), 4_000)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Where `SAVE` writes its snapshot (with [`Redis::start_with_snapshots`]).
+    pub fn rdb_path(&self) -> PathBuf {
+        self.dir.join("dump.rdb")
+    }
+
+    /// The server's directory (its log, its snapshot).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// One command on a fresh connection (raw RESP over TCP).
+    pub fn try_command(&self, args: &[&str]) -> std::io::Result<Resp> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut req = format!("*{}\r\n", args.len());
+        for arg in args {
+            req.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream.write_all(req.as_bytes())?;
+        read_resp(&mut BufReader::new(stream))
+    }
+
+    /// One command; panics if the server cannot be reached or answers an error.
+    pub fn command(&self, args: &[&str]) -> Resp {
+        match self.try_command(args) {
+            Ok(Resp::Error(e)) => panic!("redis {args:?}: {e}"),
+            Ok(reply) => reply,
+            Err(e) => panic!("redis {args:?}: {e}"),
+        }
+    }
+
+    /// `SAVE`: a snapshot in [`Redis::rdb_path`], written when this returns.
+    pub fn save(&self) {
+        assert!(self.snapshots, "started without snapshots");
+        assert_eq!(self.command(&["SAVE"]), Resp::Simple("OK".into()), "SAVE");
+    }
+
+    /// Copies the current snapshot file to `to`.
+    pub fn copy_rdb_to(&self, to: &Path) {
+        std::fs::copy(self.rdb_path(), to).expect("copy dump.rdb");
+    }
+
+    /// Puts `from` in place of the snapshot file (the server must be stopped: it reads the file at
+    /// start).
+    pub fn restore_rdb_from(&self, from: &Path) {
+        assert!(
+            !self.is_running(),
+            "stop redis before replacing its snapshot"
+        );
+        std::fs::copy(from, self.rdb_path()).expect("restore dump.rdb");
+    }
+
+    /// Stops the server with SIGTERM and waits for it (SIGKILL after 10 s). Without save points it
+    /// writes no snapshot.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Kills the server with SIGKILL (a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `SHUTDOWN NOSAVE`, then waits for the process to exit.
+    pub fn shutdown_nosave(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // Success closes the connection without a reply.
+        if let Ok(Resp::Error(e)) = self.try_command(&["SHUTDOWN", "NOSAVE"]) {
+            panic!("SHUTDOWN NOSAVE: {e}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("redis-server did not exit within 10 s of SHUTDOWN NOSAVE");
+    }
+
+    /// Starts the server again on the same port, with the same settings (and the snapshot file in
+    /// its directory, if any).
+    pub fn restart(&mut self) {
+        if let Err(log) = self.spawn() {
+            panic!("redis-server did not restart on port {}\n---- redis-server log ----\n{log}\n---- end ----", self.port);
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- redis-server log (tail; files kept in {}) ----\n{}\n---- end of redis-server log ----",
+                self.dir.display(),
+                tail(&self.dir.join("stderr.log"), 4_000)
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
