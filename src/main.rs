@@ -3,6 +3,7 @@
 use clap::Parser;
 use etag_gateway::admin::AdminApp;
 use etag_gateway::config::{Cli, Config, StoreKind};
+use etag_gateway::header_deadline::HeaderDeadline;
 use etag_gateway::proxy::{Gateway, GatewaySettings};
 use etag_gateway::store::{EtagStore, MemoryStore, RedisStore};
 use etag_gateway::upstream::Upstreams;
@@ -77,6 +78,7 @@ fn run(config: Config) -> anyhow::Result<std::convert::Infallible> {
         access_log: config.log.access,
         body_deadline: config.upstream.read_timeout,
         body_read_timeout: config.upstream.read_timeout.min(Duration::from_secs(10)),
+        limits: config.limits.clone(),
     };
     let store: Arc<dyn EtagStore> = match (config.store.kind, &config.store.url) {
         (StoreKind::Redis, Some(url)) => {
@@ -93,9 +95,11 @@ fn run(config: Config) -> anyhow::Result<std::convert::Infallible> {
     let admin_store = store.clone();
     let mut server = Server::new_with_opt_and_conf(Opt::default(), pingora_conf(&config));
     server.bootstrap();
-    let mut proxy = pingora::proxy::http_proxy_service(
+    // The header deadline wraps Pingora's HTTP loop: a client dripping its request head is cut off.
+    let mut proxy = etag_gateway::header_deadline::proxy_service(
         &server.configuration,
         Gateway::new(store.clone(), Arc::new(upstreams), settings),
+        config.limits.header_read_timeout,
     );
     for addr in &config.server.listen {
         proxy.add_tcp(&addr.to_string());
@@ -103,7 +107,8 @@ fn run(config: Config) -> anyhow::Result<std::convert::Infallible> {
     server.add_service(proxy);
     if let Some(addr) = config.admin.listen {
         let app = AdminApp::new(admin_store, config.admin.token.clone());
-        let mut admin = Service::new("etag-gateway admin".to_string(), HttpServer::new_app(app));
+        let app = HeaderDeadline::new(HttpServer::new_app(app), config.limits.header_read_timeout);
+        let mut admin = Service::new("etag-gateway admin".to_string(), app);
         admin.add_tcp(&addr.to_string());
         server.add_service(admin);
         tracing::info!(%addr, etag_api = config.admin.token.is_some(), "admin listener");

@@ -50,6 +50,8 @@ pub struct GatewaySettings {
     /// store's lease) by a client sending its body slowly.
     pub body_deadline: Duration,
     pub body_read_timeout: Duration,
+    /// Sizes and shapes a request may have (`[limits]`).
+    pub limits: crate::config::LimitsConfig,
 }
 
 impl GatewaySettings {
@@ -402,6 +404,25 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // Hostile or ambiguous shapes first: nothing of them reaches the table or the backend.
+        let guarded = self
+            .settings
+            .guarded_methods
+            .contains(&session.req_header().method);
+        let raw_head = session.as_downstream().to_h1_raw();
+        if let Err(rejection) = crate::request_guard::check(
+            session.req_header(),
+            &raw_head,
+            &self.settings.limits,
+            guarded,
+        ) {
+            if rejection.close {
+                session.as_downstream_mut().set_keepalive(None);
+            }
+            ctx.outcome = Some(RequestOutcome::BadRequest);
+            send_answer(session, rejection.answer()).await?;
+            return Ok(true);
+        }
         match self.admit(session, ctx).await {
             None => {
                 ctx.outcome = Some(RequestOutcome::Forwarded);

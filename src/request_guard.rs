@@ -775,7 +775,7 @@ mod pingora_parser {
 
     enum Seen {
         Refused(String),
-        Passed(Result<(), Rejection>, RequestHeader),
+        Passed(Result<(), Rejection>, Box<RequestHeader>),
     }
 
     async fn read(raw: &str) -> Seen {
@@ -791,7 +791,7 @@ mod pingora_parser {
             Ok(true) => {
                 let raw_head = session.to_h1_raw();
                 let verdict = check(session.req_header(), &raw_head, &Limits::default(), true);
-                Seen::Passed(verdict, session.req_header().clone())
+                Seen::Passed(verdict, Box::new(session.req_header().clone()))
             }
             Ok(false) => panic!("no request read from {raw:?}"),
             Err(e) => {
@@ -809,7 +809,7 @@ mod pingora_parser {
     }
 
     /// Pingora passes it on; `check` refuses it.
-    async fn we_refuse(raw: &str, status: u16) -> RequestHeader {
+    async fn we_refuse(raw: &str, status: u16) -> Box<RequestHeader> {
         match read(raw).await {
             Seen::Refused(e) => panic!("pingora refused {raw:?} itself: {e}"),
             Seen::Passed(Ok(()), _) => panic!("check let {raw:?} through"),
