@@ -127,6 +127,16 @@ pub fn precondition_required(method: &Method, key: &ResourceKey) -> GatewayAnswe
     )
 }
 
+/// 4xx: the gateway refused the request while reading it; nothing the backend could apply was sent.
+pub fn request_refused(status: StatusCode, detail: &str) -> GatewayAnswer {
+    error_answer(
+        status,
+        detail,
+        None,
+        Some("the request was cut off before the backend got all of it; a write that was reserved has an unknown outcome: read the resource again before retrying"),
+    )
+}
+
 /// 503: the etag store could not answer, so the gateway cannot vouch for anything; nothing forwarded.
 pub fn store_unavailable(detail: &str) -> GatewayAnswer {
     error_answer(

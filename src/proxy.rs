@@ -129,6 +129,10 @@ pub struct RequestCtx {
     outcome: Option<RequestOutcome>,
     /// When the write was reserved.
     reserved_at: Option<Instant>,
+    /// Request body bytes seen so far.
+    body_bytes: u64,
+    /// Why the gateway cut the request off while reading it.
+    refused: Option<String>,
     /// When the request was sent to the backend.
     upstream_started: Option<Instant>,
     upstream_time: Option<Duration>,
@@ -448,16 +452,38 @@ impl ProxyHttp for Gateway {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
-        _body: &mut Option<Bytes>,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // A chunked body has no length up front: limits.max_body_bytes is enforced as it arrives.
+        if let (Some(max), Some(chunk)) = (self.settings.limits.max_body_bytes, body.as_ref()) {
+            ctx.body_bytes += chunk.len() as u64;
+            let guarded = self
+                .settings
+                .guarded_methods
+                .contains(&session.req_header().method);
+            if guarded && ctx.body_bytes > max {
+                let detail = format!(
+                    "the body is more than the {max} bytes allowed (limits.max_body_bytes)"
+                );
+                ctx.refused = Some(detail.clone());
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(StatusCode::PAYLOAD_TOO_LARGE.as_u16()),
+                    detail,
+                );
+            }
+        }
         if ctx
             .reserved_at
             .is_some_and(|at| at.elapsed() > self.settings.body_deadline)
         {
             // The body is cut short: the backend gets an incomplete request and cannot apply it.
+            ctx.refused = Some(
+                "the request body took longer than a write may hold its reservation (upstream.read_timeout_ms)"
+                    .into(),
+            );
             return Error::e_explain(
                 ErrorType::HTTPStatus(StatusCode::REQUEST_TIMEOUT.as_u16()),
                 "the request body took longer than a write may hold its reservation",
@@ -655,6 +681,20 @@ impl ProxyHttp for Gateway {
         };
         if code > 0 && writable {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+            if status.is_client_error() {
+                // Refused by the gateway while reading the request (body too large or too slow).
+                ctx.outcome = Some(RequestOutcome::BadRequest);
+                let detail = ctx.refused.as_deref().unwrap_or("request refused");
+                if let Err(err) =
+                    send_answer(session, answers::request_refused(status, detail)).await
+                {
+                    tracing::debug!(error = %err, "could not send the answer");
+                }
+                return FailToProxy {
+                    error_code: code,
+                    can_reuse_downstream: false,
+                };
+            }
             let unknown = ctx.is_write && ctx.sent_to_backend;
             let answer = answers::upstream_failed(
                 status,

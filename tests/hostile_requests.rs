@@ -369,6 +369,29 @@ async fn a_body_over_max_body_bytes_is_413_and_closes() {
     refused_unread(Some("[limits]\nmax_body_bytes = 10\n"), &request, 413, true).await;
 }
 
+#[tokio::test]
+async fn a_chunked_body_over_max_body_bytes_is_413_and_not_applied() {
+    let (backend, gateway) = start(Some("[limits]\nmax_body_bytes = 10\n"));
+    let before = applied(&backend).await;
+    // no Content-Length up front: the limit is enforced as the chunks arrive
+    let request =
+        format!("{PUT}Transfer-Encoding: chunked\r\n\r\n6\r\nhello \r\n6\r\nworld!\r\n0\r\n\r\n")
+            .replace("{host}", &gateway.addr().to_string());
+    let (reply, _) = exchange(gateway.addr(), request.as_bytes()).await;
+    assert_eq!(reply.status, 413, "{}", reply.text());
+    assert!(
+        reply.text().contains("limits.max_body_bytes"),
+        "{}",
+        reply.text()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        applied(&backend).await,
+        before,
+        "a cut-off body is never applied"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Paths
 // ---------------------------------------------------------------------------------------------
