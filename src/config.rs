@@ -191,6 +191,8 @@ pub struct StoreConfig {
     /// How long an untouched entry lives in Redis (an expired entry is unknown: `If-Match` on it is
     /// a conflict, never a match).
     pub idle_ttl: Duration,
+    /// Memory store: where the table is written at a clean stop and read (then removed) at start.
+    pub snapshot: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -255,6 +257,7 @@ impl Default for StoreConfig {
             capacity: NonZeroUsize::new(DEFAULT_STORE_CAPACITY).expect("capacity is not zero"),
             url: None,
             idle_ttl: Duration::from_secs(DEFAULT_STORE_IDLE_TTL_SECONDS),
+            snapshot: None,
         }
     }
 }
@@ -572,6 +575,7 @@ struct FileStore {
     url: Option<String>,
     #[serde(deserialize_with = "integer")]
     idle_ttl_seconds: i64,
+    snapshot: Option<PathBuf>,
 }
 
 impl Default for FileServer {
@@ -644,6 +648,7 @@ impl Default for FileStore {
             capacity: DEFAULT_STORE_CAPACITY as i64,
             url: None,
             idle_ttl_seconds: DEFAULT_STORE_IDLE_TTL_SECONDS as i64,
+            snapshot: None,
         }
     }
 }
@@ -803,6 +808,22 @@ impl FileConfig {
             key("store.idle_ttl_seconds"),
         )?;
 
+        let snapshot = match (kind, self.store.snapshot) {
+            (StoreKind::Redis, Some(path)) => {
+                return Err(key("store.snapshot").reject(
+                    quoted(&path.display().to_string()),
+                    "only used with kind = \"memory\" (Redis keeps the table itself)",
+                ))
+            }
+            (_, Some(path)) if path.as_os_str().is_empty() || path.is_dir() => {
+                return Err(key("store.snapshot").reject(
+                    quoted(&path.display().to_string()),
+                    "a file path, e.g. \"/var/lib/etag-gateway/etags\"",
+                ))
+            }
+            (_, snapshot) => snapshot,
+        };
+
         // [limits]
         let limits = self.limits.validate(&key)?;
 
@@ -876,6 +897,7 @@ impl FileConfig {
                 capacity: NonZeroUsize::new(capacity as usize).expect("checked to be >= 1"),
                 url,
                 idle_ttl: Duration::from_secs(idle_ttl_seconds as u64),
+                snapshot,
             },
         })
     }

@@ -11,6 +11,7 @@ use pingora::apps::http_app::HttpServer;
 use pingora::lb::LoadBalancer;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
+use pingora::server::RunArgs;
 use pingora::services::listening::Service;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -36,7 +37,7 @@ fn main() -> ExitCode {
     }
     init_logging(config.log.json);
     match run(config) {
-        Ok(never) => match never {},
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("etag-gateway: {e:#}");
             ExitCode::FAILURE
@@ -59,7 +60,7 @@ fn init_logging(json: bool) {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<std::convert::Infallible> {
+fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("starting: {}", config.summary());
 
     let upstreams =
@@ -80,6 +81,7 @@ fn run(config: Config) -> anyhow::Result<std::convert::Infallible> {
         body_read_timeout: config.upstream.read_timeout.min(Duration::from_secs(10)),
         limits: config.limits.clone(),
     };
+    let mut memory_store = None;
     let store: Arc<dyn EtagStore> = match (config.store.kind, &config.store.url) {
         (StoreKind::Redis, Some(url)) => {
             // A reservation outlives the longest a forwarded write can take, with margin.
@@ -89,7 +91,22 @@ fn run(config: Config) -> anyhow::Result<std::convert::Infallible> {
             ) + Duration::from_secs(5);
             Arc::new(RedisStore::new(url, config.store.idle_ttl, lease)?)
         }
-        _ => Arc::new(MemoryStore::new(config.store.capacity)),
+        _ => {
+            let memory = Arc::new(MemoryStore::new(config.store.capacity));
+            if let Some(path) = &config.store.snapshot {
+                // Before the first request: the snapshot is consumed whether it can be used or not.
+                match memory.restore_snapshot(path) {
+                    Ok(n) => {
+                        tracing::info!(entries = n, path = %path.display(), "etag table restored from the snapshot of a clean stop")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "snapshot not used: every old etag is unknown (a conflict)")
+                    }
+                }
+            }
+            memory_store = Some(memory.clone());
+            memory
+        }
     };
 
     let admin_store = store.clone();
@@ -113,7 +130,20 @@ fn run(config: Config) -> anyhow::Result<std::convert::Infallible> {
         server.add_service(admin);
         tracing::info!(%addr, etag_api = config.admin.token.is_some(), "admin listener");
     }
-    server.run_forever()
+    // Returns once every service has stopped: nothing can change the table any more.
+    server.run(RunArgs::default());
+    if let (Some(memory), Some(path)) = (memory_store, &config.store.snapshot) {
+        match memory.save_snapshot(path) {
+            Ok(n) => {
+                tracing::info!(entries = n, path = %path.display(), "etag table saved for the next start")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not save the etag table: the next start begins empty")
+            }
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
 }
 
 /// Pingora's own settings, from ours. Its defaults that would bite are replaced: a 300 s grace
@@ -123,8 +153,10 @@ fn pingora_conf(config: &Config) -> ServerConf {
     let tmp = std::env::temp_dir();
     ServerConf {
         threads: config.server.threads,
-        grace_period_seconds: Some(config.server.grace_period_seconds),
-        graceful_shutdown_timeout_seconds: Some(5),
+        // Pingora waits the whole grace period, then gives its runtimes a shutdown timeout: together
+        // they make grace_period_seconds, so the process is gone within it.
+        grace_period_seconds: Some(config.server.grace_period_seconds.saturating_sub(1)),
+        graceful_shutdown_timeout_seconds: Some(config.server.grace_period_seconds.min(1)),
         pid_file: tmp
             .join(format!("etag-gateway-{id}.pid"))
             .display()

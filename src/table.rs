@@ -458,6 +458,34 @@ impl EtagTable {
         }
     }
 
+    /// The idle entries with an etag, most recently used last (for a snapshot at a clean stop).
+    /// Entries with a write in flight are left out: their state is unknown.
+    pub fn export(&self) -> Vec<(ResourceKey, Etag, BackendValidator)> {
+        self.idle
+            .iter()
+            .rev()
+            .filter_map(|(k, e)| e.etag.map(|etag| (k.clone(), etag, e.backend.clone())))
+            .collect()
+    }
+
+    /// Loads entries (from a snapshot) into an empty table, in order (the last becomes the most
+    /// recently used).
+    pub fn import(
+        &mut self,
+        entries: impl IntoIterator<Item = (ResourceKey, Etag, BackendValidator)>,
+    ) {
+        for (key, etag, backend) in entries {
+            let version = self.next_version();
+            let entry = Entry {
+                etag: Some(etag),
+                version,
+                writes_in_flight: 0,
+                backend,
+            };
+            self.keep_idle(key, entry);
+        }
+    }
+
     /// What the table holds for a resource (admin API).
     pub fn describe(&self, key: &ResourceKey) -> Option<EntryState> {
         self.peek(key).map(|e| EntryState {
@@ -1009,5 +1037,22 @@ mod tests {
         assert!(write(&mut t, &k, Some(e)).is_err());
         assert_ne!(read(&mut t, &k), Some(e));
         assert_eq!(t.describe(&key("/never")), None);
+    }
+
+    #[test]
+    fn export_and_import_keep_idle_etags_only() {
+        let mut t = table(10);
+        let a = key("/a");
+        let b = key("/b");
+        let ea = read(&mut t, &a).unwrap();
+        let eb = read(&mut t, &b).unwrap();
+        let busy = reserve(&mut t, &b, Some(eb)).unwrap();
+        let exported = t.export();
+        assert_eq!(exported, vec![(a.clone(), ea, none())]);
+        let mut fresh = table(10);
+        fresh.import(exported);
+        assert!(write(&mut fresh, &a, Some(ea)).is_ok());
+        assert!(write(&mut fresh, &b, Some(eb)).is_err());
+        t.settle_write(busy, WriteOutcome::NotApplied, none());
     }
 }

@@ -3,6 +3,7 @@
 //! A std mutex, not tokio's: every step is O(1) and never awaits while holding the lock, so the
 //! lock is held for well under a microsecond and async locking would only add cost.
 
+use super::snapshot::{self, SnapshotEntry, SnapshotError};
 use super::{EtagStore, StoreError};
 use crate::etag::Etag;
 use crate::precondition::{IfMatch, IfNoneMatch, Preconditions};
@@ -13,6 +14,7 @@ use crate::table::{
 };
 use async_trait::async_trait;
 use std::num::NonZeroUsize;
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 pub struct MemoryStore {
@@ -39,6 +41,29 @@ impl MemoryStore {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Writes the table to `path` (at a clean stop, once nothing can change it any more).
+    pub fn save_snapshot(&self, path: &Path) -> Result<usize, SnapshotError> {
+        let entries: Vec<SnapshotEntry> = self
+            .table()
+            .export()
+            .into_iter()
+            .map(|(key, etag, backend)| SnapshotEntry { key, etag, backend })
+            .collect();
+        snapshot::write(path, &entries)?;
+        Ok(entries.len())
+    }
+
+    /// Loads (and removes) the snapshot at `path`, if there is one; the number of entries loaded.
+    pub fn restore_snapshot(&self, path: &Path) -> Result<usize, SnapshotError> {
+        let Some(entries) = snapshot::take(path)? else {
+            return Ok(0);
+        };
+        let n = entries.len();
+        self.table()
+            .import(entries.into_iter().map(|e| (e.key, e.etag, e.backend)));
+        Ok(n)
     }
 }
 

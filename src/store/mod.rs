@@ -4,6 +4,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod snapshot;
 
 use crate::etag::Etag;
 use crate::precondition::{IfMatch, IfNoneMatch, Preconditions};

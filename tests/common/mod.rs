@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 /// A unique directory under the system temp dir for one child process.
-fn unique_temp_dir(what: &str) -> PathBuf {
+pub fn unique_temp_dir(what: &str) -> PathBuf {
     let dir = std::env::temp_dir()
         .join("etag-gateway-tests")
         .join(format!(
@@ -138,6 +138,33 @@ impl DemoBackend {
     }
 }
 
+impl DemoBackend {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Freezes the backend with SIGSTOP: the kernel still accepts connections and buffers requests,
+    /// nothing is answered or applied until [`DemoBackend::resume`] (then the backlog is processed,
+    /// in no particular order). Its in-memory documents survive, unlike a real restart.
+    pub fn pause(&self) {
+        signal(self.pid(), "STOP");
+    }
+
+    /// SIGCONT after [`DemoBackend::pause`].
+    pub fn resume(&self) {
+        signal(self.pid(), "CONT");
+    }
+}
+
+/// `kill -<sig> <pid>` (no libc in the test dependencies).
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {pid}: {status}");
+}
+
 impl Drop for DemoBackend {
     fn drop(&mut self) {
         shut_down(&mut self.child, "demo-backend", &self.dir);
@@ -234,6 +261,20 @@ impl Gateway {
 
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM (a clean stop), then waits up to `limit` for the process to exit; how long it took,
+    /// or `None` if it was still running at `limit`.
+    pub fn terminate(&mut self, limit: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        signal(self.child.id(), "TERM");
+        while started.elapsed() < limit {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 }
 
