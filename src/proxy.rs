@@ -413,7 +413,18 @@ impl ProxyHttp for Gateway {
             .settings
             .guarded_methods
             .contains(&session.req_header().method);
-        let raw_head = session.as_downstream().to_h1_raw();
+        // The raw head only matters when Transfer-Encoding is present (Pingora then drops a
+        // Content-Length from the parsed header, and trims the value): copying it costs a head's
+        // worth of bytes per request, so only then.
+        let raw_head = if session
+            .req_header()
+            .headers
+            .contains_key(header::TRANSFER_ENCODING)
+        {
+            session.as_downstream().to_h1_raw()
+        } else {
+            Bytes::new()
+        };
         if let Err(rejection) = crate::request_guard::check(
             session.req_header(),
             &raw_head,

@@ -16,6 +16,10 @@ impl ResourceKey {
     /// The key of a request path (the part before `?`; a query, if given, is ignored).
     pub fn from_path(path: &str) -> ResourceKey {
         let path = path.split('?').next().unwrap_or("");
+        if is_canonical(path) {
+            // The common case: nothing to decode or remove, one allocation.
+            return ResourceKey(path.to_owned());
+        }
         let decoded = decode_unreserved(path);
         let mut segments: Vec<&str> = Vec::new();
         for segment in decoded.split('/') {
@@ -71,6 +75,21 @@ impl fmt::Debug for ResourceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ResourceKey({})", self.0)
     }
+}
+
+/// Already in canonical form: starts with `/`, no `%`, no empty, `.` or `..` segment, no trailing
+/// slash (unless it is `/`).
+fn is_canonical(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    if path == "/" {
+        return true;
+    }
+    if bytes.first() != Some(&b'/') || bytes.last() == Some(&b'/') || bytes.contains(&b'%') {
+        return false;
+    }
+    path[1..]
+        .split('/')
+        .all(|segment| !matches!(segment, "" | "." | ".."))
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -162,6 +181,28 @@ mod tests {
         assert_eq!(key(""), "/");
         assert_eq!(key("/"), "/");
         assert_eq!(key("/.."), "/");
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_full_canonicalisation() {
+        for path in [
+            "/",
+            "/a",
+            "/docs/a",
+            "/docs/a.b",
+            "/docs/.a",
+            "/docs/a..",
+            "/d/e/f",
+            "/docs/..a",
+        ] {
+            assert!(is_canonical(path), "{path}");
+            assert_eq!(key(path), path);
+        }
+        for path in [
+            "", "a", "/a/", "//a", "/a//b", "/./a", "/a/.", "/a/..", "/%61",
+        ] {
+            assert!(!is_canonical(path), "{path}");
+        }
     }
 
     #[test]
