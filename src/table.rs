@@ -48,8 +48,9 @@ struct Entry {
     /// so a re-created entry never repeats an old version.
     version: u64,
     writes_in_flight: u32,
-    /// The backend's validator for the state `etag` names (empty when it sends none or is unknown).
-    backend: BackendValidator,
+    /// The backend's validator for the state `etag` names (`None` when it sends none or is
+    /// unknown). Boxed: most backends send none, and an entry stays small.
+    backend: Option<Box<BackendValidator>>,
 }
 
 impl Entry {
@@ -58,12 +59,24 @@ impl Entry {
             etag: None,
             version,
             writes_in_flight: 0,
-            backend: BackendValidator::default(),
+            backend: None,
         }
     }
 
     fn settled(&self) -> bool {
         self.writes_in_flight == 0
+    }
+
+    fn backend(&self) -> &BackendValidator {
+        static NONE: BackendValidator = BackendValidator {
+            etag: None,
+            last_modified: None,
+        };
+        self.backend.as_deref().unwrap_or(&NONE)
+    }
+
+    fn set_backend(&mut self, validator: BackendValidator) {
+        self.backend = (!validator.is_empty()).then(|| Box::new(validator));
     }
 }
 
@@ -169,9 +182,29 @@ pub fn plan_read(
     ReadStart::Forward { ticket, revalidate }
 }
 
+/// What the table keys its entries by: a 128-bit hash of the canonical path, not the path itself —
+/// half the memory of an entry. Two paths with one hash would share an entry: a spurious conflict
+/// at worst (merged, never split), with odds of 2^-128.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Slot(pub u128);
+
+impl Slot {
+    pub fn of(key: &ResourceKey) -> Slot {
+        use std::hash::{DefaultHasher, Hash, Hasher};
+        // Two SipHash-1-3 runs with fixed, different prefixes: the same slot in every process.
+        let half = |seed: u8| {
+            let mut h = DefaultHasher::new();
+            seed.hash(&mut h);
+            key.as_str().hash(&mut h);
+            h.finish()
+        };
+        Slot(((half(1) as u128) << 64) | half(2) as u128)
+    }
+}
+
 pub struct EtagTable {
-    idle: LruCache<ResourceKey, Entry>,
-    busy: HashMap<ResourceKey, Entry>,
+    idle: LruCache<Slot, Entry>,
+    busy: HashMap<Slot, Entry>,
     last_version: u64,
 }
 
@@ -185,8 +218,8 @@ impl EtagTable {
     }
 
     /// Puts an idle entry in the LRU; the least recently used one goes if the table is full.
-    fn keep_idle(&mut self, key: ResourceKey, entry: Entry) {
-        if let Some((evicted, _)) = self.idle.push(key.clone(), entry) {
+    fn keep_idle(&mut self, key: Slot, entry: Entry) {
+        if let Some((evicted, _)) = self.idle.push(key, entry) {
             if evicted != key {
                 crate::metrics::Metrics::get().table_evictions.inc();
             }
@@ -213,13 +246,15 @@ impl EtagTable {
     }
 
     fn peek(&self, key: &ResourceKey) -> Option<&Entry> {
-        self.busy.get(key).or_else(|| self.idle.peek(key))
+        self.busy
+            .get(&Slot::of(key))
+            .or_else(|| self.idle.peek(&Slot::of(key)))
     }
 
     fn peek_mut(&mut self, key: &ResourceKey) -> Option<&mut Entry> {
-        match self.busy.get_mut(key) {
+        match self.busy.get_mut(&Slot::of(key)) {
             Some(e) => Some(e),
-            None => self.idle.peek_mut(key),
+            None => self.idle.peek_mut(&Slot::of(key)),
         }
     }
 
@@ -232,12 +267,12 @@ impl EtagTable {
     ) -> ReadStart {
         if self.peek(key).is_none() {
             let version = self.next_version();
-            self.keep_idle(key.clone(), Entry::new(version));
+            self.keep_idle(Slot::of(key), Entry::new(version));
         }
-        let entry = match self.busy.get(key) {
+        let entry = match self.busy.get(&Slot::of(key)) {
             Some(e) => e,
             // promotes the entry in the LRU: reads keep resources alive
-            None => self.idle.get(key).expect("inserted above"),
+            None => self.idle.get(&Slot::of(key)).expect("inserted above"),
         };
         plan_read(
             ReadTicket {
@@ -246,7 +281,7 @@ impl EtagTable {
             },
             entry.etag,
             entry.settled(),
-            &entry.backend,
+            entry.backend(),
             if_none_match,
         )
     }
@@ -265,19 +300,19 @@ impl EtagTable {
                 let version = self.next_version();
                 let entry = self.peek_mut(&ticket.key)?;
                 entry.etag = None;
-                entry.backend = BackendValidator::default();
+                entry.backend = None;
                 entry.version = version;
                 return None;
             }
             // Non-2xx answers create no entry: drop the placeholder this read made.
             ReadAnswer::Gone | ReadAnswer::Failed if untouched && entry.etag.is_none() => {
-                self.idle.pop(&ticket.key);
+                self.idle.pop(&Slot::of(&ticket.key));
                 return None;
             }
             _ => return None,
         };
         let changed_behind =
-            !entry.backend.is_empty() && !validator.is_empty() && entry.backend != validator;
+            !entry.backend().is_empty() && !validator.is_empty() && *entry.backend() != validator;
         let version = self.next_version();
         let entry = self.peek_mut(&ticket.key)?;
         if changed_behind {
@@ -285,7 +320,7 @@ impl EtagTable {
             entry.version = version;
         }
         if !validator.is_empty() {
-            entry.backend = validator;
+            entry.set_backend(validator);
         }
         // Concurrent readers of one unchanged state share the etag: naming it changes no version.
         Some(*entry.etag.get_or_insert_with(Etag::fresh))
@@ -317,7 +352,7 @@ impl EtagTable {
             last_modified: None,
         };
         let (current, settled, backend) = match self.peek(key) {
-            Some(e) => (e.etag, e.settled(), &e.backend),
+            Some(e) => (e.etag, e.settled(), e.backend()),
             None => (None, true, &UNKNOWN),
         };
         let refuse = Err(Refusal { current });
@@ -349,14 +384,14 @@ impl EtagTable {
         let backend_precondition = (named_state && !backend.is_empty()).then(|| backend.clone());
 
         let version = self.next_version();
-        let mut entry = match self.busy.remove(key) {
+        let mut entry = match self.busy.remove(&Slot::of(key)) {
             Some(e) => e,
-            None => self.idle.pop(key).unwrap_or(Entry::new(version)),
+            None => self.idle.pop(&Slot::of(key)).unwrap_or(Entry::new(version)),
         };
         let etag_before = entry.etag.take();
         entry.version = version;
         entry.writes_in_flight += 1;
-        self.busy.insert(key.clone(), entry);
+        self.busy.insert(Slot::of(key), entry);
         Ok(Reservation {
             ticket: WriteTicket {
                 key: key.clone(),
@@ -380,7 +415,7 @@ impl EtagTable {
         validator: BackendValidator,
     ) -> Option<Etag> {
         let version = self.next_version();
-        let Some(entry) = self.busy.get_mut(&ticket.key) else {
+        let Some(entry) = self.busy.get_mut(&Slot::of(&ticket.key)) else {
             // Unreachable while tickets are settled once; refusing to guess is the safe answer.
             debug_assert!(false, "settling a write that is not in flight");
             return None;
@@ -390,7 +425,7 @@ impl EtagTable {
         let handed_out = match outcome {
             WriteOutcome::Applied(new) if alone => {
                 entry.etag = Some(new);
-                entry.backend = validator;
+                entry.set_backend(validator);
                 Some(new)
             }
             WriteOutcome::NotApplied if alone => {
@@ -406,14 +441,14 @@ impl EtagTable {
             | WriteOutcome::Unknown
             | WriteOutcome::ChangedBehind => {
                 entry.etag = None;
-                entry.backend = BackendValidator::default();
+                entry.backend = None;
                 None
             }
         };
         entry.version = version;
         if entry.settled() {
-            if let Some(entry) = self.busy.remove(&ticket.key) {
-                self.keep_idle(ticket.key.clone(), entry);
+            if let Some(entry) = self.busy.remove(&Slot::of(&ticket.key)) {
+                self.keep_idle(Slot::of(&ticket.key), entry);
             }
         }
         if !matches!(
@@ -433,15 +468,15 @@ impl EtagTable {
         validator: BackendValidator,
     ) -> Option<Etag> {
         let version = self.next_version();
-        if self.busy.contains_key(key) {
+        if self.busy.contains_key(&Slot::of(key)) {
             return None;
         }
         let etag = Etag::fresh();
-        let mut entry = self.idle.pop(key).unwrap_or(Entry::new(version));
+        let mut entry = self.idle.pop(&Slot::of(key)).unwrap_or(Entry::new(version));
         entry.etag = Some(etag);
         entry.version = version;
-        entry.backend = validator;
-        self.keep_idle(key.clone(), entry);
+        entry.set_backend(validator);
+        self.keep_idle(Slot::of(key), entry);
         Some(etag)
     }
 
@@ -452,7 +487,7 @@ impl EtagTable {
         if let Some(entry) = self.peek_mut(key) {
             if entry.etag == Some(etag) {
                 entry.etag = None;
-                entry.backend = BackendValidator::default();
+                entry.backend = None;
                 entry.version = version;
             }
         }
@@ -460,28 +495,22 @@ impl EtagTable {
 
     /// The idle entries with an etag, most recently used last (for a snapshot at a clean stop).
     /// Entries with a write in flight are left out: their state is unknown.
-    pub fn export(&self) -> Vec<(ResourceKey, Etag, BackendValidator)> {
+    pub fn export(&self) -> Vec<(Slot, Etag, BackendValidator)> {
         self.idle
             .iter()
             .rev()
-            .filter_map(|(k, e)| e.etag.map(|etag| (k.clone(), etag, e.backend.clone())))
+            .filter_map(|(k, e)| e.etag.map(|etag| (*k, etag, e.backend().clone())))
             .collect()
     }
 
     /// Loads entries (from a snapshot) into an empty table, in order (the last becomes the most
     /// recently used).
-    pub fn import(
-        &mut self,
-        entries: impl IntoIterator<Item = (ResourceKey, Etag, BackendValidator)>,
-    ) {
+    pub fn import(&mut self, entries: impl IntoIterator<Item = (Slot, Etag, BackendValidator)>) {
         for (key, etag, backend) in entries {
             let version = self.next_version();
-            let entry = Entry {
-                etag: Some(etag),
-                version,
-                writes_in_flight: 0,
-                backend,
-            };
+            let mut entry = Entry::new(version);
+            entry.etag = Some(etag);
+            entry.set_backend(backend);
             self.keep_idle(key, entry);
         }
     }
@@ -491,7 +520,7 @@ impl EtagTable {
         self.peek(key).map(|e| EntryState {
             etag: e.etag,
             writes_in_flight: e.writes_in_flight,
-            backend: e.backend.clone(),
+            backend: e.backend().clone(),
         })
     }
 
@@ -501,7 +530,7 @@ impl EtagTable {
         let version = self.next_version();
         if let Some(entry) = self.peek_mut(key) {
             entry.etag = None;
-            entry.backend = BackendValidator::default();
+            entry.backend = None;
             entry.version = version;
         }
     }
@@ -514,7 +543,7 @@ impl EtagTable {
             let version = self.next_version();
             if let Some(entry) = self.peek_mut(&key) {
                 entry.etag = None;
-                entry.backend = BackendValidator::default();
+                entry.backend = None;
                 entry.version = version;
             }
             ancestor = key.parent();
@@ -1048,11 +1077,23 @@ mod tests {
         let eb = read(&mut t, &b).unwrap();
         let busy = reserve(&mut t, &b, Some(eb)).unwrap();
         let exported = t.export();
-        assert_eq!(exported, vec![(a.clone(), ea, none())]);
+        assert_eq!(exported, vec![(Slot::of(&a), ea, none())]);
         let mut fresh = table(10);
         fresh.import(exported);
         assert!(write(&mut fresh, &a, Some(ea)).is_ok());
         assert!(write(&mut fresh, &b, Some(eb)).is_err());
         t.settle_write(busy, WriteOutcome::NotApplied, none());
+    }
+
+    #[test]
+    fn an_entry_stays_small() {
+        // Memory per resource is the table's cost at scale (see BENCHMARKS.md): key 16 bytes, entry
+        // at most 64, plus the LRU's two pointers and the hash table's slot.
+        assert_eq!(std::mem::size_of::<Slot>(), 16);
+        assert!(
+            std::mem::size_of::<Entry>() <= 64,
+            "{}",
+            std::mem::size_of::<Entry>()
+        );
     }
 }

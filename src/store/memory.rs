@@ -49,7 +49,11 @@ impl MemoryStore {
             .table()
             .export()
             .into_iter()
-            .map(|(key, etag, backend)| SnapshotEntry { key, etag, backend })
+            .map(|(slot, etag, backend)| SnapshotEntry {
+                slot,
+                etag,
+                backend,
+            })
             .collect();
         snapshot::write(path, &entries)?;
         Ok(entries.len())
@@ -62,7 +66,7 @@ impl MemoryStore {
         };
         let n = entries.len();
         self.table()
-            .import(entries.into_iter().map(|e| (e.key, e.etag, e.backend)));
+            .import(entries.into_iter().map(|e| (e.slot, e.etag, e.backend)));
         Ok(n)
     }
 }

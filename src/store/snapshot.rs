@@ -10,8 +10,7 @@
 //! and a trailer with the entry count; a file without its trailer (cut short) is refused.
 
 use crate::etag::Etag;
-use crate::resource_key::ResourceKey;
-use crate::table::BackendValidator;
+use crate::table::{BackendValidator, Slot};
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -24,7 +23,8 @@ const VERSION: u32 = 1;
 /// One resource the table vouches for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotEntry {
-    pub key: ResourceKey,
+    /// The resource (its table slot: the hash of its canonical path).
+    pub slot: Slot,
     pub etag: Etag,
     pub backend: BackendValidator,
 }
@@ -37,7 +37,7 @@ enum Line {
         version: u32,
     },
     Entry {
-        key: String,
+        slot: String,
         etag: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         backend_etag: Option<String>,
@@ -81,7 +81,7 @@ pub fn write(path: &Path, entries: &[SnapshotEntry]) -> Result<(), SnapshotError
     .map_err(io)?;
     for e in entries {
         put(&Line::Entry {
-            key: e.key.as_str().to_owned(),
+            slot: format!("{:032x}", e.slot.0),
             etag: e.etag.to_string(),
             backend_etag: e.backend.etag.clone(),
             last_modified: e
@@ -147,12 +147,15 @@ fn read_entries(reader: impl BufRead) -> Result<Vec<SnapshotEntry>, String> {
     loop {
         match next()? {
             Some(Line::Entry {
-                key,
+                slot,
                 etag,
                 backend_etag,
                 last_modified,
             }) => entries.push(SnapshotEntry {
-                key: ResourceKey::from_path(&key),
+                slot: Slot(
+                    u128::from_str_radix(&slot, 16)
+                        .map_err(|_| format!("{slot:?} is not a slot"))?,
+                ),
                 etag: Etag::parse(&etag).ok_or_else(|| format!("{etag:?} is not an etag"))?,
                 backend: BackendValidator {
                     etag: backend_etag,
@@ -180,7 +183,7 @@ mod tests {
 
     fn entry(path: &str, backend_etag: Option<&str>) -> SnapshotEntry {
         SnapshotEntry {
-            key: ResourceKey::from_path(path),
+            slot: Slot::of(&crate::resource_key::ResourceKey::from_path(path)),
             etag: Etag::fresh(),
             backend: BackendValidator {
                 etag: backend_etag.map(str::to_owned),
