@@ -87,8 +87,13 @@ pub const MAX_ETAG_LENGTH: usize = 65_536;
 /// Upper bound of `limits.max_body_bytes` (1 TiB).
 pub const MAX_BODY_BYTES: u64 = 1 << 40;
 
-/// Port of an upstream URL that doesn't give one.
+/// `upstream.health_check_interval_ms`: how often every upstream is probed with a TCP connect.
+pub const DEFAULT_HEALTH_CHECK_INTERVAL_MS: u64 = 1_000;
+
+/// Port of an http:// upstream URL that doesn't give one.
 const DEFAULT_HTTP_PORT: u16 = 80;
+/// Port of an https:// upstream URL that doesn't give one.
+const DEFAULT_HTTPS_PORT: u16 = 443;
 /// Shown in errors about upstream URLs.
 const UPSTREAM_EXAMPLE: &str = "http://127.0.0.1:3000";
 /// Where the settings come from when no `--config` is given.
@@ -102,7 +107,10 @@ const NO_FILE: &str = "(built-in defaults)";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub server: ServerConfig,
+    /// The default route: every request no `[[route]]` claims.
     pub upstream: UpstreamConfig,
+    /// `[[route]]` tables, in file order.
+    pub routes: Vec<RouteConfig>,
     pub policy: PolicyConfig,
     pub store: StoreConfig,
     pub limits: LimitsConfig,
@@ -138,6 +146,19 @@ pub struct ServerConfig {
     pub threads: usize,
     /// How long in-flight requests may finish after SIGTERM.
     pub grace_period_seconds: u64,
+    /// `tls_listen`, `tls_cert`, `tls_key`: HTTPS listeners, off unless set.
+    pub tls: Option<TlsListenerConfig>,
+}
+
+/// HTTPS listeners (rustls). The certificate and key were read and found to be a pair at validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListenerConfig {
+    /// Never empty.
+    pub listen: Vec<SocketAddr>,
+    /// PEM: the server certificate first, then its intermediates.
+    pub cert: PathBuf,
+    /// PEM: PKCS#8, PKCS#1 or SEC1 private key.
+    pub key: PathBuf,
 }
 
 /// `[upstream]`: the REST backend the gateway forwards to.
@@ -150,14 +171,41 @@ pub struct UpstreamConfig {
     /// How long a write that timed out keeps its resource locked before it is settled as unknown
     /// (the backend may still apply it late). `upstream.timeout_hold_ms`, default: the read timeout.
     pub timeout_hold: Duration,
+    /// PEM file of the CAs trusted for https:// upstreams instead of the system's
+    /// (`upstream.ca_file`; routes inherit it). Checked to hold at least one certificate.
+    pub ca_file: Option<PathBuf>,
+    /// How often each route's upstreams get a TCP health check; `None`: never (all are used).
+    pub health_check_interval: Option<Duration>,
 }
 
-/// One upstream server, reached over plain HTTP/1.
+/// `[[route]]`: requests under a path prefix (and optionally for one host) go to their own upstreams,
+/// under their own policy. The etag table is shared: routes never split a resource's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// Canonical (as [`crate::resource_key::ResourceKey`] writes it): `/` or `/a/b`, no trailing slash.
+    /// Matches whole segments: `/api` matches `/api` and `/api/x`, not `/apix`.
+    pub prefix: String,
+    /// Lower case, without port: compared with the request's Host (or `:authority`) without port.
+    pub host: Option<String>,
+    /// Never empty; round robin.
+    pub servers: Vec<Upstream>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    /// Inherited from `upstream.ca_file` unless the route sets its own.
+    pub ca_file: Option<PathBuf>,
+    /// `[policy]`'s values unless the route overrides them.
+    pub policy: PolicyConfig,
+}
+
+/// One upstream server, reached over HTTP/1, in clear or over TLS.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Upstream {
-    /// A DNS name or an IP address; an IPv6 address is kept without its brackets.
+    /// A DNS name or an IP address; an IPv6 address is kept without its brackets. Over TLS it is also
+    /// the SNI and the name the certificate must be valid for.
     pub host: String,
     pub port: u16,
+    /// `https://`: TLS with certificate verification (always on).
+    pub tls: bool,
 }
 
 /// `[policy]`: how the optimistic-concurrency rules are enforced.
@@ -203,6 +251,7 @@ impl Default for ServerConfig {
                 .expect("DEFAULT_LISTEN is a socket address")],
             threads: DEFAULT_THREADS,
             grace_period_seconds: DEFAULT_GRACE_PERIOD_SECONDS,
+            tls: None,
         }
     }
 }
@@ -275,7 +324,8 @@ impl Upstream {
 
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}", self.address())
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}", self.address())
     }
 }
 
@@ -318,7 +368,7 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Upstream server, http://host:port (port 80 if left out); repeat for round robin; replaces upstream.url
+    /// Upstream server, http://host[:port] or https://host[:port] (port 80/443 if left out); repeat for round robin; replaces upstream.url
     #[arg(long = "upstream", value_name = "URL")]
     pub upstream: Vec<String>,
 
@@ -361,8 +411,8 @@ pub enum ConfigError {
     #[error("{origin}: {key} = {value} is not allowed ({reason})")]
     InvalidValue {
         origin: String,
-        /// Dotted key, e.g. `policy.conflict_status`.
-        key: &'static str,
+        /// Dotted key, e.g. `policy.conflict_status` or `route[2].prefix`.
+        key: String,
         /// The value as written in TOML, e.g. `410` or `"ftp://x"`.
         value: String,
         /// What is allowed instead, e.g. `allowed: 409, 412`.
@@ -410,7 +460,7 @@ impl fmt::Display for InFile<'_> {
 /// Where a value came from, to build the error that names it.
 #[derive(Clone, Copy)]
 enum Setting<'a> {
-    Key { origin: &'a str, key: &'static str },
+    Key { origin: &'a str, key: &'a str },
     Flag(&'static str),
 }
 
@@ -420,7 +470,7 @@ impl Setting<'_> {
         match self {
             Setting::Key { origin, key } => ConfigError::InvalidValue {
                 origin: origin.to_owned(),
-                key,
+                key: key.to_owned(),
                 value,
                 reason,
             },
@@ -508,6 +558,27 @@ struct FileConfig {
     limits: FileLimits,
     admin: FileAdmin,
     log: FileLog,
+    /// `[[route]]` tables.
+    route: Vec<FileRoute>,
+}
+
+/// One `[[route]]`. Every key but `prefix` and `upstream` is optional and inherits from `[policy]`
+/// or `[upstream]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileRoute {
+    prefix: Option<String>,
+    host: Option<String>,
+    upstream: Option<OneOrMany<String>>,
+    #[serde(deserialize_with = "optional_integer")]
+    conflict_status: Option<i64>,
+    require_if_match: Option<bool>,
+    guarded_methods: Option<OneOrMany<String>>,
+    #[serde(deserialize_with = "optional_integer")]
+    connect_timeout_ms: Option<i64>,
+    #[serde(deserialize_with = "optional_integer")]
+    read_timeout_ms: Option<i64>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -541,6 +612,9 @@ struct FileServer {
     threads: i64,
     #[serde(deserialize_with = "integer")]
     grace_period_seconds: i64,
+    tls_listen: Option<OneOrMany<String>>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -555,6 +629,9 @@ struct FileUpstream {
     /// Defaults to `read_timeout_ms`.
     #[serde(deserialize_with = "optional_integer")]
     timeout_hold_ms: Option<i64>,
+    ca_file: Option<PathBuf>,
+    #[serde(deserialize_with = "integer")]
+    health_check_interval_ms: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -584,6 +661,9 @@ impl Default for FileServer {
             listen: OneOrMany::One(DEFAULT_LISTEN.to_owned()),
             threads: DEFAULT_THREADS as i64,
             grace_period_seconds: DEFAULT_GRACE_PERIOD_SECONDS as i64,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -595,6 +675,8 @@ impl Default for FileUpstream {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS as i64,
             read_timeout_ms: DEFAULT_READ_TIMEOUT_MS as i64,
             timeout_hold_ms: None,
+            ca_file: None,
+            health_check_interval_ms: DEFAULT_HEALTH_CHECK_INTERVAL_MS as i64,
         }
     }
 }
@@ -728,6 +810,59 @@ impl FileConfig {
             MAX_GRACE_PERIOD_SECONDS as i64,
             key("server.grace_period_seconds"),
         )?;
+        let tls = match (
+            self.server.tls_listen,
+            self.server.tls_cert,
+            self.server.tls_key,
+        ) {
+            (None, None, None) => None,
+            (None, cert, tls_key) => {
+                let (name, path) = match (cert, tls_key) {
+                    (Some(cert), _) => ("server.tls_cert", cert),
+                    (None, Some(tls_key)) => ("server.tls_key", tls_key),
+                    (None, None) => unreachable!("matched above"),
+                };
+                return Err(key(name).reject(
+                    quoted(&path.display().to_string()),
+                    "only used with server.tls_listen",
+                ));
+            }
+            (Some(addresses), cert, tls_key) => {
+                let tls_listen = parse_listen(addresses.into_vec(), key("server.tls_listen"))?;
+                if let Some(both) = tls_listen.iter().find(|a| listen.contains(a)) {
+                    return Err(key("server.tls_listen").reject(
+                        quoted(&both.to_string()),
+                        "must differ from server.listen: one port speaks either HTTP or HTTPS",
+                    ));
+                }
+                let required = |name: &'static str, what: &str| {
+                    key(name).reject(
+                        "(missing)",
+                        format!("required with server.tls_listen: {what}"),
+                    )
+                };
+                let cert = cert.ok_or_else(|| {
+                    required(
+                        "server.tls_cert",
+                        "a PEM certificate chain, e.g. \"/etc/etag-gateway/cert.pem\"",
+                    )
+                })?;
+                let tls_key = tls_key.ok_or_else(|| {
+                    required(
+                        "server.tls_key",
+                        "a PEM private key, e.g. \"/etc/etag-gateway/key.pem\"",
+                    )
+                })?;
+                check_tls_pair(&cert, &tls_key).map_err(|(name, path, reason)| {
+                    key(name).reject(quoted(&path.display().to_string()), reason)
+                })?;
+                Some(TlsListenerConfig {
+                    listen: tls_listen,
+                    cert,
+                    key: tls_key,
+                })
+            }
+        };
 
         // [upstream]
         let servers = if !overrides.upstream.is_empty() {
@@ -760,21 +895,71 @@ impl FileConfig {
                 key("upstream.timeout_hold_ms"),
             )?,
         };
+        let ca_file = match self.upstream.ca_file {
+            None => None,
+            Some(path) => Some(check_ca_file(path, key("upstream.ca_file"))?),
+        };
+        let health_check_interval_ms = in_range(
+            self.upstream.health_check_interval_ms,
+            0,
+            MAX_TIMEOUT_MS as i64,
+            key("upstream.health_check_interval_ms"),
+        )?;
 
         // [policy]
-        let conflict_status = match self.policy.conflict_status {
-            409 => StatusCode::CONFLICT,
-            412 => StatusCode::PRECONDITION_FAILED,
-            other => {
-                return Err(
-                    key("policy.conflict_status").reject(other.to_string(), "allowed: 409, 412")
-                )
-            }
+        let policy = PolicyConfig {
+            conflict_status: parse_conflict_status(
+                self.policy.conflict_status,
+                key("policy.conflict_status"),
+            )?,
+            require_if_match: self.policy.require_if_match,
+            guarded_methods: parse_methods(
+                self.policy.guarded_methods.into_vec(),
+                key("policy.guarded_methods"),
+            )?,
         };
-        let guarded_methods = parse_methods(
-            self.policy.guarded_methods.into_vec(),
-            key("policy.guarded_methods"),
-        )?;
+
+        // [[route]]
+        let inherited = RouteConfig {
+            prefix: "/".to_owned(),
+            host: None,
+            servers: Vec::new(),
+            connect_timeout: Duration::from_millis(connect_timeout_ms as u64),
+            read_timeout: Duration::from_millis(read_timeout_ms as u64),
+            ca_file: ca_file.clone(),
+            policy: policy.clone(),
+        };
+        let mut routes: Vec<RouteConfig> = Vec::with_capacity(self.route.len());
+        for (index, file_route) in self.route.into_iter().enumerate() {
+            let n = index + 1;
+            let route = file_route.validate(origin, n, &inherited)?;
+            if let Some(m) = routes
+                .iter()
+                .position(|r| r.prefix == route.prefix && r.host == route.host)
+            {
+                let prefix_key = format!("route[{n}].prefix");
+                return Err(Setting::Key {
+                    origin,
+                    key: &prefix_key,
+                }
+                .reject(
+                    quoted(&route.prefix),
+                    format!(
+                        "route[{}] has the same prefix and host: one of them would never be used",
+                        m + 1
+                    ),
+                ));
+            }
+            routes.push(route);
+        }
+        let any_tls =
+            servers.iter().any(|u| u.tls) || routes.iter().any(|r| r.servers.iter().any(|u| u.tls));
+        if let (Some(path), false) = (&ca_file, any_tls) {
+            return Err(key("upstream.ca_file").reject(
+                quoted(&path.display().to_string()),
+                "only used with https:// upstreams",
+            ));
+        }
 
         // [store]
         let kind = StoreKind::parse(&self.store.kind)
@@ -834,7 +1019,8 @@ impl FileConfig {
                 let addr: SocketAddr = text.parse().map_err(|_| {
                     key("admin.listen").reject(quoted(text), "an IP:port, e.g. \"127.0.0.1:9091\"")
                 })?;
-                if listen.contains(&addr) {
+                let on_tls = tls.as_ref().is_some_and(|t| t.listen.contains(&addr));
+                if listen.contains(&addr) || on_tls {
                     return Err(key("admin.listen").reject(
                         quoted(text),
                         "must differ from server.listen: the admin API is never on the public listener",
@@ -880,18 +1066,19 @@ impl FileConfig {
                 listen,
                 threads: threads as usize,
                 grace_period_seconds: grace_period_seconds as u64,
+                tls,
             },
             upstream: UpstreamConfig {
                 servers,
                 connect_timeout: Duration::from_millis(connect_timeout_ms as u64),
                 read_timeout: Duration::from_millis(read_timeout_ms as u64),
                 timeout_hold: Duration::from_millis(timeout_hold_ms as u64),
+                ca_file,
+                health_check_interval: (health_check_interval_ms > 0)
+                    .then(|| Duration::from_millis(health_check_interval_ms as u64)),
             },
-            policy: PolicyConfig {
-                conflict_status,
-                require_if_match: self.policy.require_if_match,
-                guarded_methods,
-            },
+            routes,
+            policy,
             store: StoreConfig {
                 kind,
                 capacity: NonZeroUsize::new(capacity as usize).expect("checked to be >= 1"),
@@ -901,6 +1088,217 @@ impl FileConfig {
             },
         })
     }
+}
+
+impl FileRoute {
+    /// Checks the `n`th `[[route]]` (counted from 1, as errors name it: `route[2].prefix`); keys it
+    /// leaves out come from `inherited` (`[upstream]` and `[policy]`).
+    fn validate(
+        self,
+        origin: &str,
+        n: usize,
+        inherited: &RouteConfig,
+    ) -> Result<RouteConfig, ConfigError> {
+        let names: Vec<String> = [
+            "prefix",
+            "host",
+            "upstream",
+            "conflict_status",
+            "guarded_methods",
+            "connect_timeout_ms",
+            "read_timeout_ms",
+            "ca_file",
+        ]
+        .iter()
+        .map(|k| format!("route[{n}].{k}"))
+        .collect();
+        let key = |k: &str| -> Setting<'_> {
+            let key = names
+                .iter()
+                .find(|name| name.ends_with(&format!(".{k}")))
+                .expect("every route key is listed");
+            Setting::Key { origin, key }
+        };
+
+        let prefix = self.prefix.ok_or_else(|| {
+            key("prefix").reject("(missing)", "required: a path prefix, e.g. \"/api\"")
+        })?;
+        let prefix = parse_prefix(&prefix)
+            .map_err(|reason| key("prefix").reject(quoted(&prefix), reason))?;
+        let host = match self.host {
+            None => None,
+            Some(host) => Some(
+                parse_route_host(&host)
+                    .map_err(|reason| key("host").reject(quoted(&host), reason))?,
+            ),
+        };
+        let urls = self.upstream.ok_or_else(|| {
+            key("upstream").reject(
+                "(missing)",
+                format!(
+                    "required: the URL or URLs this route forwards to, e.g. {}",
+                    quoted(UPSTREAM_EXAMPLE)
+                ),
+            )
+        })?;
+        let servers = parse_upstreams(urls.into_vec(), key("upstream"))?;
+        let timeout = |value: Option<i64>, name: &str, inherited: Duration| match value {
+            None => Ok(inherited),
+            Some(ms) => in_range(ms, 1, MAX_TIMEOUT_MS as i64, key(name))
+                .map(|ms| Duration::from_millis(ms as u64)),
+        };
+        let connect_timeout = timeout(
+            self.connect_timeout_ms,
+            "connect_timeout_ms",
+            inherited.connect_timeout,
+        )?;
+        let read_timeout = timeout(
+            self.read_timeout_ms,
+            "read_timeout_ms",
+            inherited.read_timeout,
+        )?;
+        let ca_file = match self.ca_file {
+            None => inherited.ca_file.clone(),
+            Some(path) => {
+                if !servers.iter().any(|u| u.tls) {
+                    return Err(key("ca_file").reject(
+                        quoted(&path.display().to_string()),
+                        "only used with https:// upstreams",
+                    ));
+                }
+                Some(check_ca_file(path, key("ca_file"))?)
+            }
+        };
+        let policy = PolicyConfig {
+            conflict_status: match self.conflict_status {
+                None => inherited.policy.conflict_status,
+                Some(code) => parse_conflict_status(code, key("conflict_status"))?,
+            },
+            require_if_match: self
+                .require_if_match
+                .unwrap_or(inherited.policy.require_if_match),
+            guarded_methods: match self.guarded_methods {
+                None => inherited.policy.guarded_methods.clone(),
+                Some(names) => parse_methods(names.into_vec(), key("guarded_methods"))?,
+            },
+        };
+        Ok(RouteConfig {
+            prefix,
+            host,
+            servers,
+            connect_timeout,
+            read_timeout,
+            ca_file,
+            policy,
+        })
+    }
+}
+
+/// `409` or `412`.
+fn parse_conflict_status(code: i64, setting: Setting<'_>) -> Result<StatusCode, ConfigError> {
+    match code {
+        409 => Ok(StatusCode::CONFLICT),
+        412 => Ok(StatusCode::PRECONDITION_FAILED),
+        other => Err(setting.reject(other.to_string(), "allowed: 409, 412")),
+    }
+}
+
+/// A route prefix as written must already be a canonical resource key (a trailing slash aside): the
+/// prefix is compared with canonical keys, so a spelling that canonicalises to something else
+/// would silently match other paths than the ones written.
+fn parse_prefix(text: &str) -> Result<String, String> {
+    if !text.starts_with('/') {
+        return Err("a path starting with `/`, e.g. \"/api\"".to_owned());
+    }
+    if text.contains(['?', '#']) || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(
+            "a path only: no query, fragment, spaces or control characters, e.g. \"/api\""
+                .to_owned(),
+        );
+    }
+    let canonical = crate::resource_key::ResourceKey::from_path(text);
+    let written = match text.trim_end_matches('/') {
+        "" => "/",
+        trimmed => trimmed,
+    };
+    if canonical.as_str() != written {
+        return Err(format!(
+            "not in canonical form (dot segments, repeated slashes or needlessly encoded characters): write {}",
+            quoted(canonical.as_str())
+        ));
+    }
+    Ok(canonical.as_str().to_owned())
+}
+
+/// A route's `host`: a DNS name or IP address, without port; stored lower case.
+fn parse_route_host(text: &str) -> Result<String, String> {
+    let host = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    if let Some(inner) = host.strip_prefix('[') {
+        let ok = inner
+            .strip_suffix(']')
+            .is_some_and(|address| address.parse::<Ipv6Addr>().is_ok());
+        return if ok {
+            Ok(host)
+        } else {
+            Err("an IPv6 address in brackets, without port, e.g. \"[::1]\"".to_owned())
+        };
+    }
+    if host.contains(':') {
+        return Err(
+            "a host name without port (the request's Host is compared without its port), e.g. \"api.example.com\""
+                .to_owned(),
+        );
+    }
+    if host.is_empty()
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+    {
+        return Err("a host name, e.g. \"api.example.com\"".to_owned());
+    }
+    Ok(host)
+}
+
+/// A CA file must hold at least one certificate rustls accepts as a trust anchor.
+fn check_ca_file(path: PathBuf, setting: Setting<'_>) -> Result<PathBuf, ConfigError> {
+    match crate::upstream::load_ca_certificates(&path) {
+        Ok(_) => Ok(path),
+        Err(reason) => Err(setting.reject(quoted(&path.display().to_string()), reason)),
+    }
+}
+
+/// The TLS listener's certificate chain and key: readable, PEM, and a pair. Checked here so that
+/// `--check` catches them, and because Pingora panics on them when the listener starts.
+fn check_tls_pair(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<(), (&'static str, PathBuf, String)> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let cert_error = |reason: String| ("server.tls_cert", cert.to_path_buf(), reason);
+    let key_error = |reason: String| ("server.tls_key", key.to_path_buf(), reason);
+    let text = std::fs::read(cert).map_err(|e| cert_error(format!("cannot read it: {e}")))?;
+    let chain = CertificateDer::pem_slice_iter(&text)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_error(format!("not a PEM certificate chain: {e}")))?;
+    if chain.is_empty() {
+        return Err(cert_error(
+            "no certificate in it (PEM, \"-----BEGIN CERTIFICATE-----\")".to_owned(),
+        ));
+    }
+    let text = std::fs::read(key).map_err(|e| key_error(format!("cannot read it: {e}")))?;
+    let private = PrivateKeyDer::from_pem_slice(&text).map_err(|e| {
+        key_error(format!(
+            "no PEM private key (PKCS#8, PKCS#1 or SEC1) in it: {e}"
+        ))
+    })?;
+    pingora::tls::install_default_crypto_provider();
+    pingora::tls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| key_error(format!("not usable with server.tls_cert: {e}")))?;
+    Ok(())
 }
 
 /// A URL fit for logs: credentials replaced by `***`.
@@ -990,6 +1388,20 @@ fn key_at(text: &str, pos: usize) -> Option<String> {
                     return Some(found);
                 }
             }
+            // `[[route]]`: the nth table is named `route[n]`, counted from 1 as validation does.
+            if let toml::de::DeValue::Array(items) = value.get_ref() {
+                for (index, item) in items.iter().enumerate() {
+                    if let toml::de::DeValue::Table(inner) = item.get_ref() {
+                        let name = path.pop().unwrap_or_default();
+                        path.push(format!("{name}[{}]", index + 1));
+                        if let Some(found) = search(inner, pos, path) {
+                            return Some(found);
+                        }
+                        path.pop();
+                        path.push(name);
+                    }
+                }
+            }
             if name.span().contains(&pos) || value.span().contains(&pos) {
                 return Some(path.join("."));
             }
@@ -1047,18 +1459,18 @@ fn parse_upstreams(urls: Vec<String>, setting: Setting<'_>) -> Result<Vec<Upstre
         .collect()
 }
 
-/// Parses `http://host[:port][/]`; the error is the reason shown to the user.
+/// Parses `http://host[:port][/]` or `https://host[:port][/]`; the error is the reason shown to the
+/// user.
 fn parse_upstream(url: &str) -> Result<Upstream, String> {
-    let only_http = || format!("only http:// URLs, e.g. {UPSTREAM_EXAMPLE}");
+    let only_http = || format!("only http:// or https:// URLs, e.g. {UPSTREAM_EXAMPLE}");
     let (scheme, rest) = url.split_once("://").ok_or_else(only_http)?;
-    if scheme.eq_ignore_ascii_case("https") {
-        return Err(format!(
-            "TLS to upstreams is not supported yet, use http://, e.g. {UPSTREAM_EXAMPLE}"
-        ));
-    }
-    if !scheme.eq_ignore_ascii_case("http") {
+    let tls = if scheme.eq_ignore_ascii_case("https") {
+        true
+    } else if scheme.eq_ignore_ascii_case("http") {
+        false
+    } else {
         return Err(only_http());
-    }
+    };
 
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
@@ -1115,6 +1527,7 @@ fn parse_upstream(url: &str) -> Result<Upstream, String> {
         ));
     }
     let port = match port {
+        None if tls => DEFAULT_HTTPS_PORT,
         None => DEFAULT_HTTP_PORT,
         Some(port) => match port.parse::<u16>() {
             Ok(port) if port != 0 => port,
@@ -1123,8 +1536,10 @@ fn parse_upstream(url: &str) -> Result<Upstream, String> {
     };
 
     Ok(Upstream {
-        host: host.to_owned(),
+        // DNS names are case-insensitive; lower case makes the SNI and the comparisons predictable.
+        host: host.to_ascii_lowercase(),
         port,
+        tls,
     })
 }
 
@@ -1211,10 +1626,38 @@ impl Config {
                 .map(|m| m.to_string())
                 .collect(),
         );
+        let tls = match &self.server.tls {
+            Some(tls) => format!(
+                ", https {}",
+                join(tls.listen.iter().map(|a| a.to_string()).collect())
+            ),
+            None => String::new(),
+        };
+        let routes = join(
+            self.routes
+                .iter()
+                .map(|r| {
+                    let servers = join(r.servers.iter().map(|u| u.to_string()).collect());
+                    match &r.host {
+                        Some(host) => format!("{host}{} -> {servers}", r.prefix),
+                        None => format!("{} -> {servers}", r.prefix),
+                    }
+                })
+                .collect(),
+        );
+        let routes = if routes.is_empty() {
+            routes
+        } else {
+            format!("; routes {routes}")
+        };
+        let health = match self.upstream.health_check_interval {
+            Some(every) => format!("health check every {}ms", every.as_millis()),
+            None => "no health check".to_owned(),
+        };
         format!(
-            "listen {listen} ({threads} threads, {grace}s grace) -> upstream {upstreams}{rr} \
-             (connect {connect}ms, read {read}ms); guarding {methods}, If-Match {if_match}, \
-             conflict -> {status}; {store}",
+            "listen {listen}{tls} ({threads} threads, {grace}s grace) -> upstream {upstreams}{rr} \
+             (connect {connect}ms, read {read}ms, {health}){routes}; guarding {methods}, \
+             If-Match {if_match}, conflict -> {status}; {store}",
             threads = self.server.threads,
             grace = self.server.grace_period_seconds,
             rr = if self.upstream.servers.len() > 1 {
@@ -1303,7 +1746,8 @@ mod tests {
             config.upstream.servers,
             vec![Upstream {
                 host: "127.0.0.1".into(),
-                port: 3000
+                port: 3000,
+                tls: false,
             }]
         );
         assert_eq!(config.upstream.connect_timeout, Duration::from_secs(1));
@@ -1567,7 +2011,7 @@ mod tests {
     }
 
     #[test]
-    fn upstream_urls_must_be_plain_http_host_and_port() {
+    fn upstream_urls_must_be_http_or_https_host_and_port() {
         let ok = |url: &str| parse_upstream(url).map(|u| u.to_string());
         assert_eq!(
             ok("http://127.0.0.1:3000"),
@@ -1579,11 +2023,15 @@ mod tests {
         );
         assert_eq!(ok("HTTP://backend"), Ok("http://backend:80".into()));
         assert_eq!(ok("http://[::1]"), Ok("http://[::1]:80".into()));
+        assert_eq!(ok("https://Backend"), Ok("https://backend:443".into()));
+        assert_eq!(ok("HTTPS://x:8443/"), Ok("https://x:8443".into()));
+        assert!(parse_upstream("https://x").unwrap().tls);
+        assert!(!parse_upstream("http://x").unwrap().tls);
 
         let reason = |url: &str| parse_upstream(url).expect_err(url);
-        assert!(reason("https://x").contains("TLS to upstreams is not supported yet"));
-        assert!(reason("ftp://x").contains("only http:// URLs"));
-        assert!(reason("127.0.0.1:3000").contains("only http:// URLs"));
+        assert!(reason("ftp://x").contains("only http:// or https:// URLs"));
+        assert!(reason("127.0.0.1:3000").contains("only http:// or https:// URLs"));
+        assert!(reason("https://x/api").contains("a path is not allowed"));
         assert!(reason("http://x/api").contains("a path is not allowed"));
         assert!(reason("http://x/?a=1").contains("query"));
         assert!(reason("http://x?a=1").contains("query"));
@@ -1598,11 +2046,11 @@ mod tests {
         assert!(reason("http://[nope]:1").contains("IPv6"));
         assert!(reason("http://a b").contains("not a host name"));
 
-        let e = error("[upstream]\nurl = \"https://x\"\n");
+        let e = error("[upstream]\nurl = \"gopher://x\"\n");
         assert_eq!(
             e,
-            "conf/test.toml: upstream.url = \"https://x\" is not allowed \
-             (TLS to upstreams is not supported yet, use http://, e.g. http://127.0.0.1:3000)"
+            "conf/test.toml: upstream.url = \"gopher://x\" is not allowed \
+             (only http:// or https:// URLs, e.g. http://127.0.0.1:3000)"
         );
         let e = error("[upstream]\nurl = []\n");
         assert!(
@@ -1691,7 +2139,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "--upstream: \"ftp://x\" is not allowed (only http:// URLs, e.g. http://127.0.0.1:3000)"
+            "--upstream: \"ftp://x\" is not allowed (only http:// or https:// URLs, e.g. http://127.0.0.1:3000)"
         );
         let e = Config::from_cli(&cli(&["--upstream", "http://x", "--listen", "nowhere"]))
             .unwrap_err()
@@ -1930,5 +2378,385 @@ mod admin_log_tests {
         assert!(e.contains("needs admin.listen"), "{e}");
         let e = err("[log]\nformat = \"xml\"\n");
         assert!(e.contains("log.format") && e.contains("json"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+
+    const BASE: &str = "[upstream]\nurl = \"http://127.0.0.1:3000\"\n";
+
+    fn parse(extra: &str) -> Result<Config, String> {
+        Config::from_toml(&format!("{BASE}{extra}"), "r.toml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn no_route_by_default_and_health_checks_every_second() {
+        let c = parse("").unwrap();
+        assert!(c.routes.is_empty());
+        assert_eq!(
+            c.upstream.health_check_interval,
+            Some(Duration::from_secs(1))
+        );
+        let c = parse("[upstream]\n").unwrap_err();
+        assert!(
+            c.contains("upstream"),
+            "a second [upstream] is a TOML error: {c}"
+        );
+        let c = Config::from_toml(
+            "[upstream]\nurl = \"http://x\"\nhealth_check_interval_ms = 0\n",
+            "r.toml",
+        )
+        .unwrap();
+        assert_eq!(c.upstream.health_check_interval, None, "0 = off");
+    }
+
+    #[test]
+    fn a_route_inherits_what_it_does_not_set() {
+        let c = parse(
+            "[policy]\nconflict_status = 412\nguarded_methods = [\"PUT\"]\n\
+             [[route]]\nprefix = \"/a/\"\nhost = \"API.Example.com.\"\n\
+             upstream = [\"http://10.0.0.1:1\", \"https://b.example:2\"]\n\
+             [[route]]\nprefix = \"/b\"\nupstream = \"http://10.0.0.3\"\n\
+             conflict_status = 409\nrequire_if_match = true\nguarded_methods = [\"post\", \"PUT\"]\n\
+             connect_timeout_ms = 5\nread_timeout_ms = 6\n",
+        )
+        .unwrap();
+        assert_eq!(c.routes.len(), 2);
+        let a = &c.routes[0];
+        assert_eq!(a.prefix, "/a", "trailing slash dropped");
+        assert_eq!(a.host.as_deref(), Some("api.example.com"));
+        assert_eq!(a.servers.len(), 2);
+        assert!(a.servers[1].tls);
+        assert_eq!(a.policy, c.policy, "[policy] inherited");
+        assert_eq!(a.connect_timeout, c.upstream.connect_timeout);
+        assert_eq!(a.read_timeout, c.upstream.read_timeout);
+        let b = &c.routes[1];
+        assert_eq!(b.policy.conflict_status, StatusCode::CONFLICT);
+        assert!(b.policy.require_if_match);
+        assert_eq!(b.policy.guarded_methods, vec![Method::POST, Method::PUT]);
+        assert_eq!(b.connect_timeout, Duration::from_millis(5));
+        assert_eq!(b.read_timeout, Duration::from_millis(6));
+        let summary = c.summary();
+        assert!(
+            summary.contains("routes api.example.com/a -> http://10.0.0.1:1, https://b.example:2, /b -> http://10.0.0.3:80"),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn route_errors_name_the_route_and_the_key() {
+        for (route, expected) in [
+            (
+                "prefix = \"/a\"\nupstream = \"http://x\"\nconflict_status = 410",
+                "r.toml: route[2].conflict_status = 410 is not allowed (allowed: 409, 412)",
+            ),
+            (
+                "prefix = \"/a\"\nupstream = \"http://x\"\nguarded_methods = [\"GET\"]",
+                "r.toml: route[2].guarded_methods = \"GET\" is not allowed (a read-only method",
+            ),
+            (
+                "prefix = \"/a\"\nupstream = \"http://x\"\nguarded_methods = []",
+                "r.toml: route[2].guarded_methods = [] is not allowed (give at least one method",
+            ),
+            (
+                "upstream = \"http://x\"",
+                "r.toml: route[2].prefix = (missing) is not allowed (required",
+            ),
+            (
+                "prefix = \"api\"\nupstream = \"http://x\"",
+                "r.toml: route[2].prefix = \"api\" is not allowed (a path starting with `/`",
+            ),
+            (
+                "prefix = \"/a/./b\"\nupstream = \"http://x\"",
+                "r.toml: route[2].prefix = \"/a/./b\" is not allowed (not in canonical form",
+            ),
+            (
+                "prefix = \"/a?x=1\"\nupstream = \"http://x\"",
+                "r.toml: route[2].prefix = \"/a?x=1\" is not allowed (a path only",
+            ),
+            (
+                "prefix = \"/a\"",
+                "r.toml: route[2].upstream = (missing) is not allowed (required",
+            ),
+            (
+                "prefix = \"/a\"\nupstream = \"ftp://x\"",
+                "r.toml: route[2].upstream = \"ftp://x\" is not allowed (only http:// or https://",
+            ),
+            (
+                "prefix = \"/a\"\nupstream = []",
+                "r.toml: route[2].upstream = [] is not allowed",
+            ),
+            (
+                "prefix = \"/a\"\nhost = \"a.example:80\"\nupstream = \"http://x\"",
+                "r.toml: route[2].host = \"a.example:80\" is not allowed (a host name without port",
+            ),
+            (
+                "prefix = \"/a\"\nhost = \"a b\"\nupstream = \"http://x\"",
+                "r.toml: route[2].host = \"a b\" is not allowed",
+            ),
+            (
+                "prefix = \"/a\"\nupstream = \"http://x\"\nread_timeout_ms = 0",
+                "r.toml: route[2].read_timeout_ms = 0 is not allowed (allowed: 1 to 3600000)",
+            ),
+            (
+                "prefix = \"/a\"\nupstream = \"http://x\"\nconnect_timeout_ms = -1",
+                "r.toml: route[2].connect_timeout_ms = -1 is not allowed (allowed: 1 to 3600000)",
+            ),
+            (
+                "prefix = \"/a\"\nupstream = \"http://x\"\nca_file = \"/nonexistent/ca.pem\"",
+                "r.toml: route[2].ca_file = \"/nonexistent/ca.pem\" is not allowed (only used with https:// upstreams)",
+            ),
+            (
+                "prefix = \"/a\"\nupstream = \"https://x\"\nca_file = \"/nonexistent/ca.pem\"",
+                "r.toml: route[2].ca_file = \"/nonexistent/ca.pem\" is not allowed (cannot read it",
+            ),
+            (
+                "prefix = \"/z\"\nupstream = \"http://x\"",
+                "r.toml: route[2].prefix = \"/z\" is not allowed (route[1] has the same prefix and host",
+            ),
+        ] {
+            let text = format!(
+                "[[route]]\nprefix = \"/z\"\nupstream = \"http://y\"\n[[route]]\n{route}\n"
+            );
+            let e = parse(&text).expect_err(route);
+            assert!(e.starts_with(expected), "{route:?}:\n  got {e}\n  not {expected}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_route_key_names_the_route() {
+        let e = parse(
+            "[[route]]\nprefix = \"/a\"\nupstream = \"http://x\"\n[[route]]\nprefx = \"/b\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("r.toml: in `route[2].prefx`: ") && e.contains("unknown field"),
+            "{e}"
+        );
+        let e = parse(
+            "[[route]]\nprefix = \"/a\"\nupstream = \"http://x\"\nrequire_if_match = \"yes\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("`route[1].require_if_match`"), "{e}");
+    }
+
+    #[test]
+    fn the_same_prefix_with_and_without_host_is_two_routes() {
+        let c = parse(
+            "[[route]]\nprefix = \"/a\"\nupstream = \"http://x\"\n\
+             [[route]]\nprefix = \"/a\"\nhost = \"h\"\nupstream = \"http://y\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.routes.len(), 2);
+    }
+
+    #[test]
+    fn prefixes_must_be_canonical() {
+        assert_eq!(parse_prefix("/"), Ok("/".to_owned()));
+        assert_eq!(parse_prefix("/api"), Ok("/api".to_owned()));
+        assert_eq!(parse_prefix("/api/"), Ok("/api".to_owned()));
+        assert_eq!(parse_prefix("/api/v1"), Ok("/api/v1".to_owned()));
+        for bad in ["//api", "/api//v1", "/a/../b", "/%61pi", "/a b", "api", ""] {
+            assert!(parse_prefix(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_prefix("/a/../b")
+            .unwrap_err()
+            .contains("write \"/b\""));
+    }
+
+    #[test]
+    fn route_hosts() {
+        assert_eq!(
+            parse_route_host("Api.Example.COM"),
+            Ok("api.example.com".to_owned())
+        );
+        assert_eq!(parse_route_host("[::1]"), Ok("[::1]".to_owned()));
+        assert_eq!(parse_route_host("10.0.0.1"), Ok("10.0.0.1".to_owned()));
+        for bad in ["", "a:1", "::1", "[nope]", "a/b"] {
+            assert!(parse_route_host(bad).is_err(), "{bad:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+
+    /// A directory with a self-signed certificate and its key (and an unrelated key), removed on drop.
+    struct Files {
+        dir: PathBuf,
+    }
+
+    impl Files {
+        fn new(name: &str) -> Files {
+            let dir = std::env::temp_dir().join(format!(
+                "etag-gateway-tls-test-{name}-{}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+            let other = rcgen::KeyPair::generate().unwrap();
+            std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+            std::fs::write(dir.join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
+            std::fs::write(dir.join("other-key.pem"), other.serialize_pem()).unwrap();
+            std::fs::write(dir.join("empty.pem"), "nothing here\n").unwrap();
+            Files { dir }
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.dir.join(name).display().to_string()
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::from_toml(text, "t.toml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tls_listener_with_cert_and_key() {
+        let f = Files::new("listener");
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:8080\"\ntls_listen = [\"127.0.0.1:8443\"]\n\
+             tls_cert = \"{}\"\ntls_key = \"{}\"\n[upstream]\nurl = \"http://x\"\n",
+            f.path("cert.pem"),
+            f.path("key.pem")
+        );
+        let c = parse(&text).unwrap();
+        let tls = c.server.tls.as_ref().unwrap();
+        assert_eq!(tls.listen, vec!["127.0.0.1:8443".parse().unwrap()]);
+        assert_eq!(tls.cert, PathBuf::from(f.path("cert.pem")));
+        assert!(
+            c.summary().contains("https 127.0.0.1:8443"),
+            "{}",
+            c.summary()
+        );
+        assert_eq!(
+            parse("[upstream]\nurl = \"http://x\"\n")
+                .unwrap()
+                .server
+                .tls,
+            None
+        );
+    }
+
+    #[test]
+    fn tls_listener_errors_name_the_key() {
+        let f = Files::new("errors");
+        let (cert, key) = (f.path("cert.pem"), f.path("key.pem"));
+        let server = |lines: String| {
+            format!(
+                "[server]\nlisten = \"127.0.0.1:8080\"\n{lines}[upstream]\nurl = \"http://x\"\n"
+            )
+        };
+        for (lines, expected) in [
+            (
+                format!("tls_listen = \"127.0.0.1:8443\"\ntls_key = \"{key}\"\n"),
+                "t.toml: server.tls_cert = (missing) is not allowed (required with server.tls_listen".to_owned(),
+            ),
+            (
+                format!("tls_listen = \"127.0.0.1:8443\"\ntls_cert = \"{cert}\"\n"),
+                "t.toml: server.tls_key = (missing) is not allowed (required with server.tls_listen".to_owned(),
+            ),
+            (
+                format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\"\n"),
+                format!("t.toml: server.tls_cert = \"{cert}\" is not allowed (only used with server.tls_listen)"),
+            ),
+            (
+                format!("tls_listen = \"127.0.0.1:8080\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n"),
+                "t.toml: server.tls_listen = \"127.0.0.1:8080\" is not allowed (must differ from server.listen".to_owned(),
+            ),
+            (
+                format!("tls_listen = \"nowhere\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n"),
+                "t.toml: server.tls_listen = \"nowhere\" is not allowed".to_owned(),
+            ),
+            (
+                format!("tls_listen = \"127.0.0.1:8443\"\ntls_cert = \"/nonexistent.pem\"\ntls_key = \"{key}\"\n"),
+                "t.toml: server.tls_cert = \"/nonexistent.pem\" is not allowed (cannot read it".to_owned(),
+            ),
+            (
+                format!("tls_listen = \"127.0.0.1:8443\"\ntls_cert = \"{}\"\ntls_key = \"{key}\"\n", f.path("empty.pem")),
+                format!("t.toml: server.tls_cert = \"{}\" is not allowed (no certificate in it", f.path("empty.pem")),
+            ),
+            (
+                format!("tls_listen = \"127.0.0.1:8443\"\ntls_cert = \"{cert}\"\ntls_key = \"{cert}\"\n"),
+                format!("t.toml: server.tls_key = \"{cert}\" is not allowed (no PEM private key"),
+            ),
+            (
+                format!("tls_listen = \"127.0.0.1:8443\"\ntls_cert = \"{cert}\"\ntls_key = \"{}\"\n", f.path("other-key.pem")),
+                format!("t.toml: server.tls_key = \"{}\" is not allowed (not usable with server.tls_cert", f.path("other-key.pem")),
+            ),
+        ] {
+            let e = parse(&server(lines.clone())).expect_err(&lines);
+            assert!(e.starts_with(&expected), "{lines:?}:\n  got {e}\n  not {expected}");
+        }
+        let e = parse(&format!(
+            "[server]\ntls_listen = \"127.0.0.1:8443\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n\
+             [upstream]\nurl = \"http://x\"\n[admin]\nlisten = \"127.0.0.1:8443\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("admin.listen") && e.contains("must differ"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ca_files_are_checked_and_inherited() {
+        let f = Files::new("ca");
+        let ca = f.path("cert.pem");
+        let c = parse(&format!(
+            "[upstream]\nurl = \"http://x\"\nca_file = \"{ca}\"\n\
+             [[route]]\nprefix = \"/s\"\nupstream = \"https://localhost:8443\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.upstream.ca_file, Some(PathBuf::from(&ca)));
+        assert_eq!(c.routes[0].ca_file, Some(PathBuf::from(&ca)), "inherited");
+
+        let e = parse(&format!(
+            "[upstream]\nurl = \"http://x\"\nca_file = \"{ca}\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e,
+            format!("t.toml: upstream.ca_file = \"{ca}\" is not allowed (only used with https:// upstreams)")
+        );
+        let empty = f.path("empty.pem");
+        let e = parse(&format!(
+            "[upstream]\nurl = \"https://x\"\nca_file = \"{empty}\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.starts_with(&format!(
+                "t.toml: upstream.ca_file = \"{empty}\" is not allowed (no certificate"
+            )),
+            "{e}"
+        );
+        let key = f.path("key.pem");
+        let e = parse(&format!(
+            "[upstream]\nurl = \"https://x\"\nca_file = \"{key}\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("upstream.ca_file") && e.contains("no certificate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn health_check_interval_is_range_checked() {
+        let e =
+            parse("[upstream]\nurl = \"http://x\"\nhealth_check_interval_ms = -1\n").unwrap_err();
+        assert_eq!(
+            e,
+            "t.toml: upstream.health_check_interval_ms = -1 is not allowed (allowed: 0 to 3600000)"
+        );
     }
 }

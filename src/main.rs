@@ -8,8 +8,9 @@ use etag_gateway::proxy::{Gateway, GatewaySettings};
 use etag_gateway::store::{EtagStore, MemoryStore, RedisStore};
 use etag_gateway::upstream::Upstreams;
 use pingora::apps::http_app::HttpServer;
-use pingora::lb::LoadBalancer;
+use pingora::listeners::tls::TlsSettings;
 use pingora::prelude::*;
+use pingora::protocols::ALPN;
 use pingora::server::configuration::ServerConf;
 use pingora::server::RunArgs;
 use pingora::services::listening::Service;
@@ -63,18 +64,8 @@ fn init_logging(json: bool) {
 fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("starting: {}", config.summary());
 
-    let upstreams =
-        LoadBalancer::try_from_iter(config.upstream.servers.iter().map(|u| u.address()))
-            .map_err(|e| anyhow::anyhow!("cannot resolve the upstream addresses: {e}"))?;
-    let upstreams = Upstreams::new(
-        upstreams,
-        config.upstream.connect_timeout,
-        config.upstream.read_timeout,
-    );
+    let (upstreams, health_checks) = Upstreams::new(&config)?;
     let settings = GatewaySettings {
-        conflict_status: config.policy.conflict_status,
-        require_if_match: config.policy.require_if_match,
-        guarded_methods: config.policy.guarded_methods.clone(),
         unknown_outcome_hold: config.upstream.timeout_hold,
         access_log: config.log.access,
         body_deadline: config.upstream.read_timeout,
@@ -84,11 +75,10 @@ fn run(config: Config) -> anyhow::Result<()> {
     let mut memory_store = None;
     let store: Arc<dyn EtagStore> = match (config.store.kind, &config.store.url) {
         (StoreKind::Redis, Some(url)) => {
-            // A reservation outlives the longest a forwarded write can take, with margin.
-            let lease = settings.longest_write(
-                config.upstream.connect_timeout,
-                config.upstream.read_timeout,
-            ) + Duration::from_secs(5);
+            // A reservation outlives the longest a forwarded write can take, on any route, with margin.
+            let (connect_timeout, read_timeout) = upstreams.longest_timeouts();
+            let lease =
+                settings.longest_write(connect_timeout, read_timeout) + Duration::from_secs(5);
             Arc::new(RedisStore::new(url, config.store.idle_ttl, lease)?)
         }
         _ => {
@@ -121,7 +111,27 @@ fn run(config: Config) -> anyhow::Result<()> {
     for addr in &config.server.listen {
         proxy.add_tcp(&addr.to_string());
     }
+    if let Some(tls) = &config.server.tls {
+        // The files were checked at validation (Pingora panics on bad ones when the listener starts).
+        let (cert, key) = (
+            tls.cert.display().to_string(),
+            tls.key.display().to_string(),
+        );
+        for addr in &tls.listen {
+            let mut settings = TlsSettings::intermediate(&cert, &key)?;
+            settings.set_certificate_chain_file(&cert)?;
+            settings.set_private_key_file(&key)?;
+            // HTTP/1.1 only, like the plain listener (the head deadline and the gateway's write
+            // handling are HTTP/1).
+            settings.set_alpn(ALPN::H1);
+            proxy.add_tls_with_settings(&addr.to_string(), None, settings);
+        }
+        tracing::info!(listen = ?tls.listen, cert = %cert, "https listener");
+    }
     server.add_service(proxy);
+    for check in health_checks {
+        server.add_service(check);
+    }
     if let Some(addr) = config.admin.listen {
         let app = AdminApp::new(admin_store, config.admin.token.clone());
         let app = HeaderDeadline::new(HttpServer::new_app(app), config.limits.header_read_timeout);

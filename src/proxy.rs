@@ -1,7 +1,8 @@
 //! The Pingora glue: hooks that feed requests to the rules and send back what they decide.
 //!
 //! Flow of one request:
-//! - `request_filter`: read the conditional headers; a write is checked and reserved in one store
+//! - `request_filter`: choose the route (canonical path and host; see [`crate::upstream`]), whose
+//!   policy and backends the request gets from then on; read the conditional headers; a write is checked and reserved in one store
 //!   step, a read notes the entry's version (and may be answered 304 from the table). Refused or
 //!   malformed requests are answered here; nothing is forwarded.
 //! - `upstream_request_filter`: conditional headers carrying gateway etags are removed (the backend
@@ -15,6 +16,7 @@
 //! - `error_while_proxy`: a write is never retried once bytes may have been sent.
 
 use crate::answers::{self, GatewayAnswer};
+use crate::config::PolicyConfig;
 use crate::etag::Etag;
 use crate::metrics::{Metrics, RequestOutcome};
 use crate::precondition::Preconditions;
@@ -23,7 +25,7 @@ use crate::store::EtagStore;
 use crate::table::{
     BackendValidator, ReadAnswer, ReadStart, ReadTicket, Refusal, WriteOutcome, WriteTicket,
 };
-use crate::upstream::{Existence, Upstreams};
+use crate::upstream::{request_host, Existence, RouteId, Upstreams};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
@@ -34,11 +36,9 @@ use pingora::{ErrorSource, ErrorType};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// What the proxy needs to know about its policy.
+/// What the proxy needs to know beyond the routes (each route carries its own policy: conflict
+/// status, required If-Match, guarded methods; see [`Upstreams::policy`]).
 pub struct GatewaySettings {
-    pub conflict_status: StatusCode,
-    pub require_if_match: bool,
-    pub guarded_methods: Vec<Method>,
     /// How long a write that timed out keeps its resource locked before it is settled as unknown.
     /// The backend may still be working on it: until it is settled, reads get no etag and
     /// conditional writes are refused, so a late apply cannot overwrite a newer write.
@@ -110,6 +110,8 @@ impl Drop for PendingWrite {
 #[derive(Default)]
 pub struct RequestCtx {
     key: Option<ResourceKey>,
+    /// The route the request takes: its backends and its policy.
+    route: RouteId,
     preconditions: Preconditions,
     /// The request may change the resource (any method but GET, HEAD, OPTIONS, TRACE).
     is_write: bool,
@@ -136,6 +138,9 @@ pub struct RequestCtx {
     /// When the request was sent to the backend.
     upstream_started: Option<Instant>,
     upstream_time: Option<Duration>,
+    /// The request is already in the metrics (answers the gateway gave itself are counted before
+    /// they are sent, so that a client reading the metrics after the answer sees it counted).
+    counted: bool,
 }
 
 /// The metrics' name for an answer the gateway gave itself.
@@ -227,15 +232,21 @@ async fn send_answer(session: &mut Session, answer: GatewayAnswer) -> Result<()>
 }
 
 impl Gateway {
+    /// The policy of a route.
+    fn policy(&self, route: RouteId) -> &PolicyConfig {
+        self.upstreams.policy(route)
+    }
+
     fn conflict(
         &self,
+        route: RouteId,
         method: &Method,
         key: &ResourceKey,
         pre: &Preconditions,
         refusal: Refusal,
     ) -> GatewayAnswer {
         answers::conflict(
-            self.settings.conflict_status,
+            self.policy(route).conflict_status,
             method,
             key,
             pre,
@@ -247,7 +258,11 @@ impl Gateway {
     async fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Option<GatewayAnswer> {
         let req = session.req_header();
         let method = &req.method;
-        let key = ResourceKey::from_path(req.uri.path());
+        let route = ctx.route;
+        let key = match &ctx.key {
+            Some(key) => key.clone(),
+            None => ResourceKey::from_path(req.uri.path()),
+        };
         ctx.key = Some(key.clone());
         ctx.preconditions = match Preconditions::from_headers(&req.headers) {
             Ok(p) => p,
@@ -259,7 +274,9 @@ impl Gateway {
             if let Some(if_match) = &pre.if_match {
                 match self.store.check(&key, if_match).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(refusal)) => return Some(self.conflict(method, &key, pre, refusal)),
+                    Ok(Err(refusal)) => {
+                        return Some(self.conflict(route, method, &key, pre, refusal))
+                    }
                     Err(e) => return Some(answers::store_unavailable(&e.to_string())),
                 }
             }
@@ -284,14 +301,14 @@ impl Gateway {
         let creates_only = pre.if_none_match.as_ref().is_some_and(|inm| inm.is_any());
         if pre.if_match.is_none()
             && !creates_only
-            && self.settings.require_if_match
-            && self.settings.guarded_methods.contains(method)
+            && self.policy(route).require_if_match
+            && self.policy(route).guarded_methods.contains(method)
         {
             return Some(answers::precondition_required(method, &key));
         }
         let reservation = match self.store.reserve_write(&key, pre).await {
             Ok(Ok(r)) => r,
-            Ok(Err(refusal)) => return Some(self.conflict(method, &key, pre, refusal)),
+            Ok(Err(refusal)) => return Some(self.conflict(route, method, &key, pre, refusal)),
             Err(e) => return Some(answers::store_unavailable(&e.to_string())),
         };
         let mut pending = PendingWrite {
@@ -301,7 +318,7 @@ impl Gateway {
         if reservation.probe_existence {
             let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
             let host = req.headers.get(header::HOST).map(|h| h.as_bytes());
-            let existence = self.upstreams.probe(path, host).await;
+            let existence = self.upstreams.probe(route, path, host).await;
             if existence != Existence::Absent {
                 if let Some(ticket) = pending.take() {
                     let _ = self
@@ -315,7 +332,7 @@ impl Gateway {
                 }
                 return Some(match existence {
                     Existence::Exists => {
-                        self.conflict(method, &key, pre, Refusal { current: None })
+                        self.conflict(route, method, &key, pre, Refusal { current: None })
                     }
                     _ => answers::upstream_failed(
                         StatusCode::BAD_GATEWAY,
@@ -369,16 +386,21 @@ impl Gateway {
                 .key
                 .clone()
                 .unwrap_or_else(|| ResourceKey::from_path("/"));
-            ctx.late_answer =
-                Some(self.conflict(method, &key, &ctx.preconditions, Refusal { current: None }));
+            ctx.late_answer = Some(self.conflict(
+                ctx.route,
+                method,
+                &key,
+                &ctx.preconditions,
+                Refusal { current: None },
+            ));
             return Err(Error::explain(
-                ErrorType::HTTPStatus(self.settings.conflict_status.as_u16()),
+                ErrorType::HTTPStatus(self.policy(ctx.route).conflict_status.as_u16()),
                 "changed behind the gateway",
             ));
         }
         if *method == Method::POST
             && resp.status.is_success()
-            && self.settings.guarded_methods.contains(method)
+            && self.policy(ctx.route).guarded_methods.contains(method)
         {
             // A POST that created a resource: the created resource holds what was sent.
             let created = resp
@@ -408,9 +430,14 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // The route decides the policy, so it comes first (a pure function of the path and host).
+        let req = session.req_header();
+        let key = ResourceKey::from_path(req.uri.path());
+        ctx.route = self.upstreams.route_for(request_host(req).as_deref(), &key);
+        ctx.key = Some(key);
         // Hostile or ambiguous shapes first: nothing of them reaches the table or the backend.
         let guarded = self
-            .settings
+            .policy(ctx.route)
             .guarded_methods
             .contains(&session.req_header().method);
         // The raw head only matters when Transfer-Encoding is present (Pingora then drops a
@@ -435,6 +462,8 @@ impl ProxyHttp for Gateway {
                 session.as_downstream_mut().set_keepalive(None);
             }
             ctx.outcome = Some(RequestOutcome::BadRequest);
+            Metrics::get().request(&session.req_header().method, RequestOutcome::BadRequest);
+            ctx.counted = true;
             send_answer(session, rejection.answer()).await?;
             return Ok(true);
         }
@@ -450,7 +479,10 @@ impl ProxyHttp for Gateway {
                 Ok(false)
             }
             Some(answer) => {
-                ctx.outcome = Some(outcome_of(answer.status, self.settings.conflict_status));
+                let outcome = outcome_of(answer.status, self.policy(ctx.route).conflict_status);
+                ctx.outcome = Some(outcome);
+                Metrics::get().request(&session.req_header().method, outcome);
+                ctx.counted = true;
                 if answer.status == StatusCode::NOT_MODIFIED {
                     Metrics::get().etags_issued.inc();
                 }
@@ -472,7 +504,7 @@ impl ProxyHttp for Gateway {
         if let (Some(max), Some(chunk)) = (self.settings.limits.max_body_bytes, body.as_ref()) {
             ctx.body_bytes += chunk.len() as u64;
             let guarded = self
-                .settings
+                .policy(ctx.route)
                 .guarded_methods
                 .contains(&session.req_header().method);
             if guarded && ctx.body_bytes > max {
@@ -506,9 +538,9 @@ impl ProxyHttp for Gateway {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        self.upstreams.peer().map(Box::new)
+        self.upstreams.peer(ctx.route).map(Box::new)
     }
 
     async fn upstream_request_filter(
@@ -603,13 +635,14 @@ impl ProxyHttp for Gateway {
                         .clone()
                         .unwrap_or_else(|| ResourceKey::from_path("/"));
                     ctx.late_answer = Some(self.conflict(
+                        ctx.route,
                         &method,
                         &key,
                         &ctx.preconditions,
                         Refusal { current: etag },
                     ));
                     return Err(Error::explain(
-                        ErrorType::HTTPStatus(self.settings.conflict_status.as_u16()),
+                        ErrorType::HTTPStatus(self.policy(ctx.route).conflict_status.as_u16()),
                         "the read did not return the state If-Match named",
                     ));
                 }
@@ -769,7 +802,7 @@ impl ProxyHttp for Gateway {
             }
         }
         let method = &session.req_header().method;
-        if let Some(outcome) = ctx.outcome {
+        if let (Some(outcome), false) = (ctx.outcome, ctx.counted) {
             Metrics::get().request(method, outcome);
         }
         if self.settings.access_log {

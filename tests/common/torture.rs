@@ -262,6 +262,12 @@ pub struct Run {
 
 /// Creates the counter through the workload's gateway, then runs its writers and readers.
 pub async fn run_workload(backend: &DemoBackend, workload: &Workload) -> Run {
+    run_workload_at(&backend.url(), workload).await
+}
+
+/// [`run_workload`] with a demo backend reached at `backend_url` (`http://host:port`), e.g. one
+/// running in a container (`tests/compose.rs`).
+pub async fn run_workload_at(backend_url: &str, workload: &Workload) -> Run {
     let c = client();
     // With faults on, the creation itself may be answered badly; the backend applies it anyway.
     let created = c
@@ -278,7 +284,7 @@ pub async fn run_workload(backend: &DemoBackend, workload: &Workload) -> Run {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     assert_eq!(
-        backend_log(&backend.url(), DOC).await.len(),
+        backend_log(backend_url, DOC).await.len(),
         1,
         "the counter was created once"
     );
@@ -369,11 +375,16 @@ pub fn counts(items: &[String]) -> BTreeMap<&str, usize> {
 
 /// Invariants that hold with or without faults. Returns the number of applied writes.
 pub async fn check_invariants(backend: &DemoBackend, run: &Run) -> usize {
-    let log = backend_log(&backend.url(), DOC).await;
+    check_invariants_at(&backend.url(), run).await
+}
+
+/// [`check_invariants`] with a demo backend reached at `backend_url`.
+pub async fn check_invariants_at(backend_url: &str, run: &Run) -> usize {
+    let log = backend_log(backend_url, DOC).await;
     let applied_ids = check_chain(&log);
     let applied = applied_ids.len();
 
-    let (status, body) = backend_get(&backend.url(), DOC).await;
+    let (status, body) = backend_get(backend_url, DOC).await;
     assert_eq!(status, 200);
     let final_doc: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
