@@ -7,6 +7,8 @@
 # The configuration is read from /etc/etag-gateway/gateway.toml, to be mounted (see conf/gateway.toml
 # for every key; the image carries it as /usr/share/doc/etag-gateway/gateway.toml). The HEALTHCHECK
 # asks the admin listener, so the mounted file should have [admin] listen = "0.0.0.0:9091".
+# /var/lib/etag-gateway (owned by the gateway's user) is for [store] snapshot: mount a volume there to
+# keep the memory table's etags across a clean restart.
 # docker-compose.yml runs the whole stack (demo backend, gateway, Redis-backed replicas).
 
 # ---- build ----------------------------------------------------------------------------------------
@@ -37,10 +39,15 @@ RUN touch src/lib.rs src/main.rs src/bin/demo-backend.rs \
 
 # ---- run ------------------------------------------------------------------------------------------
 FROM debian:bookworm-slim
-RUN groupadd --system --gid 10001 etag \
-    && useradd --system --uid 10001 --gid etag --no-create-home --home-dir /nonexistent \
+# The system's CAs, for https:// upstreams (verified against them unless a ca_file is given).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+RUN groupadd --gid 10001 etag \
+    && useradd --uid 10001 --gid etag --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin etag \
-    && mkdir -p /etc/etag-gateway /usr/share/doc/etag-gateway
+    && mkdir -p /etc/etag-gateway /usr/share/doc/etag-gateway /var/lib/etag-gateway \
+    && chown etag:etag /var/lib/etag-gateway
 COPY --from=build /out/etag-gateway /out/demo-backend /usr/local/bin/
 COPY docker/http-healthcheck /usr/local/bin/http-healthcheck
 COPY conf/gateway.toml /usr/share/doc/etag-gateway/gateway.toml
