@@ -84,10 +84,15 @@ fn run(config: Config) -> anyhow::Result<()> {
         _ => {
             let memory = Arc::new(MemoryStore::new(config.store.capacity));
             if let Some(path) = &config.store.snapshot {
+                // Fail now, not at the stop, if the snapshot could not be written there.
+                probe_writable(path)?;
                 // Before the first request: the snapshot is consumed whether it can be used or not.
                 match memory.restore_snapshot(path) {
-                    Ok(n) => {
+                    Ok(Some(n)) => {
                         tracing::info!(entries = n, path = %path.display(), "etag table restored from the snapshot of a clean stop")
+                    }
+                    Ok(None) => {
+                        tracing::info!(path = %path.display(), "no snapshot to restore: the etag table starts empty")
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "snapshot not used: every old etag is unknown (a conflict)")
@@ -154,6 +159,19 @@ fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Checks that a file can be created next to `path` (where the snapshot will be written).
+fn probe_writable(path: &std::path::Path) -> anyhow::Result<()> {
+    let probe = path.with_extension("probe");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "store.snapshot = {:?}: cannot write there ({e}); the etag table could not be saved at stop",
+                path.display().to_string()
+            )
+        })
 }
 
 /// Pingora's own settings, from ours. Its defaults that would bite are replaced: a 300 s grace

@@ -60,14 +60,14 @@ impl MemoryStore {
     }
 
     /// Loads (and removes) the snapshot at `path`, if there is one; the number of entries loaded.
-    pub fn restore_snapshot(&self, path: &Path) -> Result<usize, SnapshotError> {
+    pub fn restore_snapshot(&self, path: &Path) -> Result<Option<usize>, SnapshotError> {
         let Some(entries) = snapshot::take(path)? else {
-            return Ok(0);
+            return Ok(None);
         };
         let n = entries.len();
         self.table()
             .import(entries.into_iter().map(|e| (e.slot, e.etag, e.backend)));
-        Ok(n)
+        Ok(Some(n))
     }
 }
 
