@@ -15,3 +15,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# The TLS tests reach "localhost" by name; a bare system (a fresh chroot) may not resolve it.
+if ! getent hosts localhost >/dev/null 2>&1; then
+  echo "setup: localhost does not resolve; adding it to /etc/hosts" >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "127.0.0.1 localhost" | $sudo tee -a /etc/hosts >/dev/null
+fi
