@@ -222,11 +222,21 @@ core_stat() { # -> "busy total steal" of PROXY_CORE then of LOAD_CORE, in ticks
     END {print v[a], v[b]}' /proc/stat
 }
 now() { date +%s.%N; }
+# Time the given processes spent runnable but waiting for a CPU (ns, all threads): how much other load
+# got in the proxy's way. /proc/PID/task/TID/schedstat: runtime, run_delay, timeslices.
+run_delay_ns() {
+  local p
+  for p in $1; do cat /proc/"$p"/task/*/schedstat 2>/dev/null || true; done | awk '{s += $2} END {printf "%.0f", s}'
+}
+# Machine-wide CPU pressure: microseconds during which some task waited for a CPU (PSI).
+psi_us() { awk '/^some/ {sub(/total=/, "", $5); print $5}' /proc/pressure/cpu 2>/dev/null || echo 0; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
-# record NAME PROXY REP REQS SECS NON2XX SOCKERR P0 P1 B0 B1 C0 C1  (P/B: "u s"; C: 6 numbers)
+# record NAME PROXY REP REQS SECS NON2XX SOCKERR WAITED% PSI% P0 P1 B0 B1 C0 C1  (P/B: "u s"; C: 6 numbers)
 record() {
-  echo "$@" | awk -v tck="$CLK_TCK" '{
+  local head="$1 $2 $3 $4 $5 $6 $7" waited=$8 psi=$9
+  shift 9
+  echo "$head $*" | awk -v tck="$CLK_TCK" -v waited="$waited" -v psi="$psi" '{
     name = $1; proxy = $2; rep = $3; reqs = $4; secs = $5; non2xx = $6; sockerr = $7
     pu = $10 - $8; ps = $11 - $9; bu = $14 - $12; bs = $15 - $13
     c0busy = $22 - $16; c0tot = $23 - $17; c0steal = $24 - $18
@@ -235,15 +245,15 @@ record() {
     if (c0tot <= 0) c0tot = 1e-9
     if (c1tot <= 0) c1tot = 1e-9
     us = 1e6 / tck / reqs
-    printf "%s %s %s %d %.2f %.0f %.3f %.3f %.3f %.3f %.1f %.1f %.1f %.1f %s %s\n", name, proxy, rep, reqs, secs,
+    printf "%s %s %s %d %.2f %.0f %.3f %.3f %.3f %.3f %.1f %.1f %.1f %.1f %s %s %.1f\n", name, proxy, rep, reqs, secs,
       reqs / (secs > 0 ? secs : 1e-9), (pu + ps) * us, pu * us, ps * us, (bu + bs) * us,
-      100 * c0busy / c0tot, 100 * (c0busy - pu - ps) / c0tot, 100 * c1busy / c1tot, 100 * c0steal / c0tot,
-      non2xx, sockerr
+      100 * c0busy / c0tot, waited, 100 * c1busy / c1tot, 100 * c0steal / c0tot,
+      non2xx, sockerr, psi
   }' >>"$RESULTS"
 }
 # fields of $RESULTS: 1 name 2 proxy 3 rep 4 requests 5 seconds 6 req/s 7 proxy CPU us/req 8 user us/req
-# 9 sys us/req 10 backend CPU us/req 11 proxy-core busy % 12 proxy-core busy by others % 13 load-core busy %
-# 14 proxy-core steal % 15 status>=400 16 socket errors
+# 9 sys us/req 10 backend CPU us/req 11 proxy-core busy % 12 proxy waited for a CPU, % of the run
+# 13 load-core busy % 14 proxy-core steal % 15 status>=400 16 socket errors 17 machine CPU pressure (PSI some) %
 
 COMMANDS=$work/commands
 : >"$COMMANDS"
@@ -252,7 +262,7 @@ COMMANDS=$work/commands
 measure() {
   local name=$1 proxy=$2 rep=$3 url=$4
   shift 4
-  local pids p0 p1 b0 b1 c0 c1 t0 t1 out reqs secs non2xx sockerr
+  local pids p0 p1 b0 b1 c0 c1 t0 t1 out reqs secs non2xx sockerr d0 d1 s0 s1 waited psi
   pids=$(pids_of "$proxy")
   if [ "$WARMUP" != 0 ]; then
     BENCH_RUN="$name-$rep-warm" taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$@" "$url" >/dev/null 2>&1 || true
@@ -261,6 +271,8 @@ measure() {
   p0=$(proc_ut_st "$pids")
   b0=$(proc_ut_st "$BACKEND_PID")
   c0=$(core_stat)
+  d0=$(run_delay_ns "$pids")
+  s0=$(psi_us)
   t0=$(now)
   BENCH_RUN="$name-$rep" taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNS" -d"${DURATION}s" "$@" "$url" >"$out" 2>&1 ||
     die "wrk failed ($name, $proxy): $(cat "$out")"
@@ -268,6 +280,10 @@ measure() {
   p1=$(proc_ut_st "$pids")
   b1=$(proc_ut_st "$BACKEND_PID")
   c1=$(core_stat)
+  d1=$(run_delay_ns "$pids")
+  s1=$(psi_us)
+  waited=$(awk -v a="$d0" -v b="$d1" -v t0="$t0" -v t1="$t1" 'BEGIN {printf "%.1f", (b - a) / 1e7 / (t1 - t0)}')
+  psi=$(awk -v a="$s0" -v b="$s1" -v t0="$t0" -v t1="$t1" 'BEGIN {printf "%.1f", (b - a) / 1e4 / (t1 - t0)}')
   reqs=$(awk '/ requests in / {print $1}' "$out")
   secs=$(awk '/ requests in / {sub(/s,$/, "", $4); print $4}' "$out")
   non2xx=$(awk -F': ' '/Non-2xx/ {print $2}' "$out")
@@ -275,9 +291,8 @@ measure() {
   [ -n "$sockerr" ] || sockerr=0
   [ -n "$reqs" ] || die "no result from wrk ($name, $proxy): $(cat "$out")"
   [ "$rep" != 1 ] || echo "$name/$proxy: $(env | grep '^BENCH_' | tr '\n' ' ')taskset -c $LOAD_CORE wrk -t1 -c$CONNS -d${DURATION}s $* $url" >>"$COMMANDS"
-  record "$name" "$proxy" "$rep" "$reqs" "${secs:-$DURATION}" "${non2xx:-0}" "$sockerr" $p0 $p1 $b0 $b1 $c0 $c1
-  tail -1 "$RESULTS" | awk '{printf "   %-9s %-8s rep %s: %8.0f req/s  %6.2f us CPU/req (others on the proxy core: %s%%)\n", $1, $2, $3, $6, $7, $12}' >&2
-  : "$t0" "$t1"
+  record "$name" "$proxy" "$rep" "$reqs" "${secs:-$DURATION}" "${non2xx:-0}" "$sockerr" "$waited" "$psi" $p0 $p1 $b0 $b1 $c0 $c1
+  tail -1 "$RESULTS" | awk '{printf "   %-9s %-8s rep %s: %8.0f req/s  %6.2f us CPU/req (waited for a CPU %s%% of the time, machine CPU pressure %s%%)\n", $1, $2, $3, $6, $7, $12, $17}' >&2
 }
 
 # --- documents, directly on the backend -----------------------------------------------------------------
@@ -435,7 +450,7 @@ if [ "$PROFILE" = 1 ]; then
       echo
       echo '```text'
       perf report -i "$work/perf-$scen.data" --stdio --no-children --sort dso,symbol 2>/dev/null |
-        awk '/^ +[0-9]/ && ++n <= 30' | cut -c1-150 || true
+        awk '/^ +[0-9.]+%/ && ++n <= 30' | cut -c1-150 || true
       echo '```'
       echo
     } >>"$PROF"
@@ -458,6 +473,7 @@ ratio_put=$(calc "$G_PUT / $N_PUT" 3)
 ratio_409=$(calc "$G_409 / $G_GET" 3)
 ratio_4090=$(calc "$G_4090 / $G_GET" 3)
 p99() { awk -v p="$1" -v r="$2" '$1 == p && $2 == r {print $4}' "$LAT"; }
+lat_cpu() { awk -v p="$1" -v r="$2" '$1 == p && $2 == r {printf "%.2f", $6}' "$LAT"; }
 if [ -n "$OHA" ]; then
   added_p99=$(calc "$(p99 gateway "$R50") - $(p99 direct "$R50")" 3)
   added_p99_ng=$(calc "$(p99 nginx "$R50") - $(p99 direct "$R50")" 3)
@@ -476,10 +492,8 @@ ratio_tput=$(calc "$tput_n / $tput_1k" 3)
 ratio_cpu_scale=$(calc "$cpu_n / $cpu_1k" 3)
 verdict() { awk -v v="$1" -v t="$2" -v op="$3" 'BEGIN {ok = (op == "le") ? (v <= t) : (v >= t); print ok ? "**met**" : "**missed**"}'; }
 
-noise=$(awk '$2 != "direct" && $1 !~ /^direct/ {s += $12; c++; if ($12 > mx) mx = $12; st += $14} END {printf "%.1f %.1f %.1f", s / c, mx, st / c}' "$RESULTS")
-noise_mean=${noise%% *}
-noise_max=$(echo "$noise" | cut -d' ' -f2)
-steal_mean=${noise##* }
+noise=$(awk '$2 != "direct" && $1 !~ /^direct/ {s += $12; c++; if ($12 > mx) mx = $12; st += $14; p += $17} END {printf "%.1f %.1f %.1f %.1f", s / c, mx, st / c, p / c}' "$RESULTS")
+read -r noise_mean noise_max steal_mean psi_mean <<<"$noise"
 
 {
   echo "# Benchmarks: etag-gateway vs nginx"
@@ -493,11 +507,16 @@ steal_mean=${noise##* }
   echo "| ratio | value | target | |"
   echo "|---|---|---|---|"
   echo "| gateway CPU per GET / nginx CPU per GET | $ratio_get ($G_GET / $N_GET us) | <= 0.95 | $(verdict "$ratio_get" 0.95 le) |"
+  if [ -n "$OHA" ]; then
+    fr50=$(calc "$(lat_cpu gateway "$R50") / $(lat_cpu nginx "$R50")" 3)
+    fr25=$(calc "$(lat_cpu gateway "$R25") / $(lat_cpu nginx "$R25")" 3)
+    echo "| the same at a fixed rate (oha, $R50 req/s; $R25 req/s) | $fr50 ($(lat_cpu gateway "$R50") / $(lat_cpu nginx "$R50") us); $fr25 | <= 0.95 | $(verdict "$fr50" 0.95 le) |"
+  fi
   echo "| gateway CPU per forwarded conditional PUT / nginx CPU per PUT | $ratio_put ($G_PUT / $N_PUT us) | <= 1.0 | $(verdict "$ratio_put" 1.0 le) |"
   echo "| CPU per 409 / CPU per forwarded GET (stale PUT with a body; connection closed) | $ratio_409 ($G_409 / $G_GET us) | <= 0.5 | $(verdict "$ratio_409" 0.5 le) |"
   echo "| CPU per 409 / CPU per forwarded GET (stale PUT, empty body; kept alive) | $ratio_4090 ($G_4090 / $G_GET us) | <= 0.5 | $(verdict "$ratio_4090" 0.5 le) |"
   if [ -n "$OHA" ]; then
-    echo "| added p99 over direct at half saturation ($R50 req/s), gateway | $added_p99 ms (nginx: $added_p99_ng ms) | <= 1 ms | $(verdict "$added_p99" 1 le) |"
+    echo "| added p99 over direct at half saturation ($R50 req/s), gateway | $added_p99 ms (nginx: $added_p99_ng ms; at 25%, $R25 req/s: gateway $(calc "$(p99 gateway "$R25") - $(p99 direct "$R25")" 3), nginx $(calc "$(p99 nginx "$R25") - $(p99 direct "$R25")" 3) ms) | <= 1 ms | $(verdict "$added_p99" 1 le) |"
   else
     echo "| added p99 over direct, closed loop (oha unavailable) | $added_p99 ms (nginx: $added_p99_ng ms) | <= 1 ms | $(verdict "$added_p99" 1 le) |"
   fi
@@ -518,20 +537,27 @@ steal_mean=${noise##* }
   echo '```'
   echo
   echo "Both proxies run on core $PROXY_CORE (\`taskset -c $PROXY_CORE\`), the backend and the load generator on core $LOAD_CORE."
-  echo "The machine was shared (other sessions compiling and benchmarking): during the CPU runs, processes other than"
-  echo "the proxy used on average **${noise_mean}%** of the proxy's core (worst run ${noise_max}%), steal ${steal_mean}%."
-  echo "Throughput and latency suffer from that; CPU time per request much less (it counts only the proxy's own time,"
-  echo "though cache pollution and fewer requests per wake-up still shift it a little). Per-run figures, including the"
-  echo "spread between repetitions, are below."
+  echo "The machine was shared (other sessions compiling and benchmarking). During the CPU runs the proxy was runnable"
+  echo "but waiting for its core **${noise_mean}%** of the time on average (worst run ${noise_max}%; \`run_delay\` from"
+  echo "/proc/PID/task/*/schedstat), machine-wide CPU pressure (PSI \"some\") averaged ${psi_mean}%, hypervisor steal ${steal_mean}%."
+  echo "Throughput and latency suffer from that; CPU time per request much less, since it counts only the proxy's own"
+  echo "time (cache pollution and different batching still shift it by several percent: compare the range column)."
+  echo
+  echo "**A bias to know about.** About a quarter of each proxy's CPU time is the kernel waking the process at the other"
+  echo "end of a loopback socket (\`sock_def_readable\` -> \`try_to_wake_up\`, an IPI to the other core, costly under KVM)."
+  echo "It is cheap when the woken process is already running and dear when its core is idle. At saturation the slower"
+  echo "proxy leaves the load core idle more often, so it pays more per wake-up: closed-loop CPU/req overstates the gap"
+  echo "between a slow and a fast proxy somewhat. The fixed-rate runs (latency section) put both at the same rate and"
+  echo "give a fairer CPU/req comparison."
   [ -z "$OHA_NOTE" ] || { echo; echo "**Latency:** $OHA_NOTE."; }
   echo
   echo "## CPU time per request (proxy process only)"
   echo
   echo "Closed loop, \`wrk -t1 -c$CONNS\`, ${DURATION}s per run after ${WARMUP}s of warm-up, $REPS runs each (interleaved); medians,"
-  echo "and the range of CPU us/req over the runs. \"others %\": share of the proxy's core used by other processes during the"
-  echo "runs (mean). Backend CPU is the demo backend's, per request, in the same runs."
+  echo "and the range of CPU us/req over the runs. \"waited %\": share of the run during which the proxy was runnable but"
+  echo "another process had its core (mean over the runs). Backend CPU is the demo backend's, per request, in the same runs."
   echo
-  echo "| scenario | proxy | req/s | CPU us/req | range | user / sys us | backend us/req | status >= 400 | others % |"
+  echo "| scenario | proxy | req/s | CPU us/req | range | user / sys us | backend us/req | status >= 400 | waited % |"
   echo "|---|---|---|---|---|---|---|---|---|"
   for key in "get direct" "get nginx" "get gateway" "inm gateway" "stale nginx" "stale gateway" "stale0 gateway" \
     "put_cond direct" "put_cond nginx" "put_cond gateway" "put_new nginx" "put_new gateway"; do
@@ -586,7 +612,7 @@ steal_mean=${noise##* }
   echo "each path once), RSS taken before ($RSS0 kB, after 1 s of warm-up) and after. Throughput: GETs cycling over"
   echo "all entries in a scattered order (index * $STRIDE mod N), \`wrk -t1 -c$CONNS\`, ${TPUT_DURATION}s, one run each."
   echo
-  echo "| entries | RSS kB | bytes/entry (RSS delta / entries) | CPU us per filling GET (new entry) | GET req/s | CPU us/req | others % |"
+  echo "| entries | RSS kB | bytes/entry (RSS delta / entries) | CPU us per filling GET (new entry) | GET req/s | CPU us/req | waited % |"
   echo "|---|---|---|---|---|---|---|"
   awk -v r0="$RSS0" '{printf "| %d | %d | %.1f | %.2f | %.0f | %.2f | %.1f |\n", $1, $2, ($2 - r0) * 1024 / $1, $3, $4, $5, $6}' "$SCALE"
   echo
@@ -602,7 +628,7 @@ steal_mean=${noise##* }
   sed "s#$work#\$WORK#g" "$COMMANDS"
   echo '```'
   echo
-  echo "Raw runs (fields: name proxy rep requests seconds req/s cpu_us user_us sys_us backend_us core_busy% others% load_core_busy% steal% status>=400 socket_errors):"
+  echo "Raw runs (fields: name proxy rep requests seconds req/s cpu_us user_us sys_us backend_us proxy_core_busy% waited% load_core_busy% steal% status>=400 socket_errors psi_some%):"
   echo
   echo '```text'
   cat "$RESULTS"
