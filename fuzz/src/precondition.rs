@@ -71,13 +71,11 @@ pub fn check(data: &[u8]) {
     }
 }
 
-fn check_set(
-    set: &TagSet,
-    parse: &dyn Fn(
-        &[&[u8]],
-    )
-        -> Result<Option<TagSet>, etag_gateway::precondition::MalformedPrecondition>,
-) {
+/// `parse_if_match` or `parse_if_none_match`, over header lines.
+type ParseLines<'a> = dyn Fn(&[&[u8]]) -> Result<Option<TagSet>, etag_gateway::precondition::MalformedPrecondition>
+    + 'a;
+
+fn check_set(set: &TagSet, parse: &ParseLines<'_>) {
     let reported = set.as_reported();
     let TagSet::Tags(tags) = set else {
         assert_eq!(reported, "*");

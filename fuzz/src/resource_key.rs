@@ -7,8 +7,9 @@
 //! - the key starts with `/`, has no empty segment (`//`), no `.` or `..` segment, no query, and no
 //!   trailing `/` unless it is `/` itself;
 //! - it is canonical: the key of the key is the key (idempotence);
-//! - `parent()` steps up one segment at a time and ends at `/` (whose parent is `None`), and every
-//!   ancestor has the shape above; `document_name()` is the last segment.
+//! - `parent()` steps up one segment at a time, each ancestor a prefix of the one below, and ends at
+//!   `/` (whose parent is `None`); the parent has the shape above; `document_name()` is the last
+//!   segment.
 //!
 //! Found by this target and fixed (`regressions/resource_key/`): a `%` that began no escape could
 //! begin one once the bytes after it were decoded (`%E%63` → `/%Ec` → `/%EC`, `/docs/%%34%31` →
@@ -47,7 +48,11 @@ pub fn check(path: &str) {
             "parent chain of {:?} does not end",
             key.as_str()
         );
-        check_shape(parent.as_str());
+        if steps == 1 {
+            // Ancestors further up are prefixes of this one: checking each would make long paths
+            // quadratic and the fuzzer slow.
+            check_shape(parent.as_str());
+        }
         assert!(
             current.as_str().starts_with(parent.as_str()),
             "{:?} is not an ancestor of {:?}",
