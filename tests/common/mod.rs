@@ -402,17 +402,7 @@ pub fn raw_request(
         .expect("response head");
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let rest = &raw[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-        .collect();
+    let (status, headers) = parse_head(&head);
     let mut resp = RawResponse {
         status,
         headers,
@@ -770,4 +760,20 @@ impl Drop for Redis {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// The status and header lines of an HTTP/1 response head (without its empty line).
+pub fn parse_head(head: &str) -> (u16, Vec<(String, String)>) {
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    (status, headers)
 }
