@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{backend_get, backend_log, client, etag_of, DemoBackend, Gateway};
+use common::{backend_get, backend_log, client, etag_of, send, DemoBackend, Gateway};
 use reqwest::{Client, Method, Response};
 use serde_json::Value;
 use std::time::Duration;
@@ -18,27 +18,6 @@ fn start(backend_args: &[&str], config: Option<&str>) -> (DemoBackend, Gateway, 
     let backend = DemoBackend::start(backend_args);
     let gateway = Gateway::start(&backend.url(), config);
     (backend, gateway, client())
-}
-
-/// One request to `base` + `path` with the given headers and body.
-async fn send(
-    c: &Client,
-    method: Method,
-    base: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> Response {
-    let mut req = c.request(method.clone(), format!("{base}{path}"));
-    for (name, value) in headers {
-        req = req.header(*name, *value);
-    }
-    if let Some(body) = body {
-        req = req.body(body.to_string());
-    }
-    req.send()
-        .await
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 /// `"<etag>"`

@@ -777,3 +777,24 @@ pub fn parse_head(head: &str) -> (u16, Vec<(String, String)>) {
         .collect();
     (status, headers)
 }
+
+/// One request to `base` + `path` with the given headers and body.
+pub async fn send(
+    c: &reqwest::Client,
+    method: reqwest::Method,
+    base: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> reqwest::Response {
+    let mut req = c.request(method.clone(), format!("{base}{path}"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    if let Some(body) = body {
+        req = req.body(body.to_string());
+    }
+    req.send()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
