@@ -20,7 +20,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{Method, StatusCode};
@@ -148,6 +148,13 @@ pub struct ServerConfig {
     pub grace_period_seconds: u64,
     /// `tls_listen`, `tls_cert`, `tls_key`: HTTPS listeners, off unless set.
     pub tls: Option<TlsListenerConfig>,
+    /// The Unix socket through which a running gateway hands its listening sockets to its
+    /// successor (`--upgrade`). Old and new process must agree on it, so it is derived from the
+    /// first listen address unless `server.upgrade_sock` names it. Absolute.
+    pub upgrade_sock: PathBuf,
+    /// Where `--daemon` writes the daemon's process id (`server.pid_file`; by default next to the
+    /// upgrade socket, `….pid`). Absolute.
+    pub pid_file: PathBuf,
 }
 
 /// HTTPS listeners (rustls). The certificate and key were read and found to be a pair at validation.
@@ -252,9 +259,49 @@ impl Default for ServerConfig {
             threads: DEFAULT_THREADS,
             grace_period_seconds: DEFAULT_GRACE_PERIOD_SECONDS,
             tls: None,
+            upgrade_sock: default_upgrade_sock(
+                &DEFAULT_LISTEN
+                    .parse()
+                    .expect("DEFAULT_LISTEN is a socket address"),
+            ),
+            pid_file: default_pid_file(&default_upgrade_sock(
+                &DEFAULT_LISTEN
+                    .parse()
+                    .expect("DEFAULT_LISTEN is a socket address"),
+            )),
         }
     }
 }
+
+/// Where the upgrade socket is unless configured: one per listen address (two gateways on one host
+/// cannot share a listen address, so they never share the socket; old and new process of one
+/// gateway always do).
+pub fn default_upgrade_sock(first_listen: &SocketAddr) -> PathBuf {
+    let name: String = first_listen
+        .to_string()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    std::env::temp_dir().join(format!("etag-gateway-{name}.upgrade.sock"))
+}
+
+/// Where the daemon's pid goes unless configured: beside the upgrade socket.
+pub fn default_pid_file(upgrade_sock: &Path) -> PathBuf {
+    let name = upgrade_sock.to_string_lossy();
+    PathBuf::from(match name.strip_suffix(".upgrade.sock") {
+        Some(base) => format!("{base}.pid"),
+        None => format!("{name}.pid"),
+    })
+}
+
+/// The longest path a Unix socket address can hold on Linux (`sun_path` is 108 bytes with its NUL).
+const MAX_UNIX_SOCKET_PATH: usize = 107;
 
 impl Default for PolicyConfig {
     fn default() -> Self {
@@ -379,6 +426,17 @@ pub struct Cli {
     /// Validate the configuration, print a summary and exit
     #[arg(long)]
     pub check: bool,
+
+    /// Take over from the running gateway with the same configuration (zero-downtime upgrade):
+    /// receive its listening sockets through server.upgrade_sock, which it sends on SIGQUIT; start
+    /// this first, then send SIGQUIT to the old process within 5 seconds
+    #[arg(short = 'u', long)]
+    pub upgrade: bool,
+
+    /// Run in the background: fork, write the daemon's pid to server.pid_file and return once
+    /// started (for systemd's Type=forking and its ExecReload upgrade; see conf/etag-gateway.service)
+    #[arg(short = 'd', long)]
+    pub daemon: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -615,6 +673,8 @@ struct FileServer {
     tls_listen: Option<OneOrMany<String>>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    upgrade_sock: Option<PathBuf>,
+    pid_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -664,6 +724,8 @@ impl Default for FileServer {
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
+            upgrade_sock: None,
+            pid_file: None,
         }
     }
 }
@@ -810,6 +872,44 @@ impl FileConfig {
             MAX_GRACE_PERIOD_SECONDS as i64,
             key("server.grace_period_seconds"),
         )?;
+        let upgrade_sock = match self.server.upgrade_sock {
+            Some(path) => {
+                let shown = quoted(&path.display().to_string());
+                if !path.is_absolute() {
+                    // Old and new process may run from different directories.
+                    return Err(key("server.upgrade_sock").reject(shown, "give an absolute path"));
+                }
+                if path.as_os_str().len() > MAX_UNIX_SOCKET_PATH {
+                    return Err(key("server.upgrade_sock").reject(
+                        shown,
+                        format!("a Unix socket path has at most {MAX_UNIX_SOCKET_PATH} bytes"),
+                    ));
+                }
+                path
+            }
+            None => {
+                let path = default_upgrade_sock(&listen[0]);
+                if path.as_os_str().len() > MAX_UNIX_SOCKET_PATH {
+                    return Err(key("server.upgrade_sock").reject(
+                        "(not set)",
+                        format!(
+                            "the default {} is longer than a Unix socket path may be \
+                             ({MAX_UNIX_SOCKET_PATH} bytes; TMPDIR is long): set it",
+                            path.display()
+                        ),
+                    ));
+                }
+                path
+            }
+        };
+        let pid_file = match self.server.pid_file {
+            Some(path) if !path.is_absolute() => {
+                return Err(key("server.pid_file")
+                    .reject(quoted(&path.display().to_string()), "give an absolute path"));
+            }
+            Some(path) => path,
+            None => default_pid_file(&upgrade_sock),
+        };
         let tls = match (
             self.server.tls_listen,
             self.server.tls_cert,
@@ -1067,6 +1167,8 @@ impl FileConfig {
                 threads: threads as usize,
                 grace_period_seconds: grace_period_seconds as u64,
                 tls,
+                upgrade_sock,
+                pid_file,
             },
             upstream: UpstreamConfig {
                 servers,
@@ -2200,6 +2302,43 @@ mod tests {
         ] {
             assert!(summary.contains(part), "{summary} lacks {part}");
         }
+    }
+}
+
+#[cfg(test)]
+mod upgrade_sock_tests {
+    use super::*;
+
+    #[test]
+    fn the_upgrade_socket_is_named_after_the_first_listen_address_unless_set() {
+        let c = Config::from_toml("[server]\nlisten = [\"127.0.0.1:8080\", \"[::1]:8080\"]\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n", "t.toml").unwrap();
+        assert_eq!(
+            c.server.upgrade_sock,
+            std::env::temp_dir().join("etag-gateway-127.0.0.1_8080.upgrade.sock")
+        );
+        let c = Config::from_toml("[server]\nupgrade_sock = \"/run/g/u.sock\"\n[upstream]\nurl = \"http://127.0.0.1:3000\"\n", "t.toml").unwrap();
+        assert_eq!(c.server.upgrade_sock, PathBuf::from("/run/g/u.sock"));
+        assert_eq!(c.server.pid_file, PathBuf::from("/run/g/u.sock.pid"));
+    }
+
+    #[test]
+    fn a_relative_or_too_long_upgrade_socket_is_refused_by_name() {
+        let base = "[upstream]\nurl = \"http://127.0.0.1:3000\"\n[server]\n";
+        let e = Config::from_toml(&format!("{base}upgrade_sock = \"run/u.sock\"\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.toml") && e.contains("server.upgrade_sock") && e.contains("absolute"),
+            "{e}"
+        );
+        let long = format!("/{}", "d".repeat(120));
+        let e = Config::from_toml(&format!("{base}upgrade_sock = \"{long}\"\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server.upgrade_sock") && e.contains("107 bytes"),
+            "{e}"
+        );
     }
 }
 

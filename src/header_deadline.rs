@@ -23,6 +23,7 @@
 //! HTTP/2 (h2c or ALPN h2) and custom protocols are handed to Pingora unwrapped; the gateway uses
 //! neither.
 
+use crate::lifecycle::{AwaitingFirstHead, Connections};
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
@@ -51,6 +52,7 @@ pub fn proxy_service<SV>(
     conf: &Arc<ServerConf>,
     proxy: SV,
     limit: Duration,
+    connections: Arc<Connections>,
 ) -> Service<HeaderDeadline<HttpProxy<SV>>>
 where
     SV: ProxyHttp + Send + Sync + 'static,
@@ -58,22 +60,26 @@ where
 {
     Service::new(
         "etag-gateway".to_string(),
-        HeaderDeadline::new(http_proxy(conf, proxy), limit),
+        HeaderDeadline::new(http_proxy(conf, proxy), limit, connections),
     )
 }
 
 /// An HTTP application (Pingora's `HttpProxy`) whose HTTP/1 request heads must each arrive within
 /// `limit`.
+///
+/// It also counts its connections (see [`Connections`]): a stopping process waits for them.
 pub struct HeaderDeadline<A> {
     app: Arc<A>,
     limit: Duration,
+    connections: Arc<Connections>,
 }
 
 impl<A> HeaderDeadline<A> {
-    pub fn new(app: A, limit: Duration) -> HeaderDeadline<A> {
+    pub fn new(app: A, limit: Duration, connections: Arc<Connections>) -> HeaderDeadline<A> {
         HeaderDeadline {
             app: Arc::new(app),
             limit,
+            connections,
         }
     }
 }
@@ -94,14 +100,16 @@ where
                 stream.selected_alpn_proto(),
                 Some(ALPN::H2 | ALPN::Custom(_))
             );
+        let _open = self.connections.open();
         if other_protocol {
             return ServerApp::process_new(&self.app, stream, shutdown).await;
         }
 
         // The HTTP/1 branch of Pingora's `impl<T: HttpServerApp> ServerApp for T`, with the stream
         // wrapped and re-armed before each request.
-        let mut session =
-            ServerSession::new_http1(Box::new(DeadlineStream::new(stream, self.limit)));
+        let mut stream = DeadlineStream::new(stream, self.limit);
+        stream.first_head = Some(self.connections.awaiting_first_head());
+        let mut session = ServerSession::new_http1(Box::new(stream));
         if *shutdown.borrow() {
             session.set_keepalive(None);
         } else {
@@ -129,7 +137,14 @@ where
         }
     }
 
+    /// Runs once the listeners have stopped accepting. Pingora's cleanup makes every connection
+    /// waiting for a request head give up at once; a client whose connection was accepted just
+    /// before the stop has not had the chance to send its first request yet, and would see the
+    /// connection closed unanswered (during an upgrade, while the successor is ready). So those
+    /// first heads are awaited (bounded by the head deadline). Idle kept-alive connections are
+    /// closed afterwards, as HTTP/1.1 allows at any time (clients retry on a fresh connection).
     async fn cleanup(&self) {
+        self.connections.first_heads_arrived(self.limit).await;
         self.app.http_cleanup().await;
     }
 }
@@ -179,6 +194,8 @@ pub struct DeadlineStream {
     limit: Duration,
     deadline: Pin<Box<Sleep>>,
     phase: Phase,
+    /// Counted until the connection's first head has arrived (or it failed).
+    first_head: Option<AwaitingFirstHead>,
 }
 
 impl std::fmt::Debug for DeadlineStream {
@@ -203,6 +220,7 @@ impl DeadlineStream {
                 received: 0,
                 end: HeadEnd::default(),
             },
+            first_head: None,
         }
     }
 
@@ -266,6 +284,7 @@ impl AsyncRead for DeadlineStream {
         if this.deadline.as_mut().poll(cx).is_ready() {
             let partial = matches!(this.phase, Phase::Head { received, .. } if received > 0);
             this.phase = Phase::Expired;
+            this.first_head = None;
             if partial {
                 this.send_timeout_answer(cx);
             }
@@ -278,6 +297,7 @@ impl AsyncRead for DeadlineStream {
             *received += new.len();
             if end.feed(new).is_some() {
                 this.phase = Phase::Body;
+                this.first_head = None;
             }
         }
         Poll::Ready(Ok(()))
@@ -559,7 +579,11 @@ mod tests {
 
     #[tokio::test]
     async fn keep_alive_requests_each_get_the_full_limit_and_a_drip_is_cut() {
-        let app = Arc::new(HeaderDeadline::new(Hello, Duration::from_millis(300)));
+        let app = Arc::new(HeaderDeadline::new(
+            Hello,
+            Duration::from_millis(300),
+            Connections::new(),
+        ));
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let (_tx, shutdown) = tokio::sync::watch::channel(false);
         let serving =

@@ -11,6 +11,7 @@ pub mod answers;
 pub mod config;
 pub mod etag;
 pub mod header_deadline;
+pub mod lifecycle;
 pub mod metrics;
 pub mod precondition;
 pub mod proxy;

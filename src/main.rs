@@ -4,6 +4,7 @@ use clap::Parser;
 use etag_gateway::admin::AdminApp;
 use etag_gateway::config::{Cli, Config, StoreKind};
 use etag_gateway::header_deadline::HeaderDeadline;
+use etag_gateway::lifecycle::{Connections, ExitWhenDrained, TableLock};
 use etag_gateway::proxy::{Gateway, GatewaySettings};
 use etag_gateway::store::{EtagStore, MemoryStore, RedisStore};
 use etag_gateway::upstream::Upstreams;
@@ -13,9 +14,11 @@ use pingora::prelude::*;
 use pingora::protocols::ALPN;
 use pingora::server::configuration::ServerConf;
 use pingora::server::RunArgs;
+use pingora::services::background::background_service;
 use pingora::services::listening::Service;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn main() -> ExitCode {
@@ -37,7 +40,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(config.log.json);
-    match run(config) {
+    match run(config, cli.upgrade, cli.daemon) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("etag-gateway: {e:#}");
@@ -61,7 +64,7 @@ fn init_logging(json: bool) {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
     tracing::info!("starting: {}", config.summary());
 
     let (upstreams, health_checks) = Upstreams::new(&config)?;
@@ -72,20 +75,45 @@ fn run(config: Config) -> anyhow::Result<()> {
         body_read_timeout: config.upstream.read_timeout.min(Duration::from_secs(10)),
         limits: config.limits.clone(),
     };
-    let mut memory_store = None;
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, pingora_conf(&config, daemon));
+    let mut stop = Stop::default();
     let store: Arc<dyn EtagStore> = match (config.store.kind, &config.store.url) {
         (StoreKind::Redis, Some(url)) => {
             // A reservation outlives the longest a forwarded write can take, on any route, with margin.
             let (connect_timeout, read_timeout) = upstreams.longest_timeouts();
             let lease =
                 settings.longest_write(connect_timeout, read_timeout) + Duration::from_secs(5);
-            Arc::new(RedisStore::new(url, config.store.idle_ttl, lease)?)
+            let store = Arc::new(RedisStore::new(url, config.store.idle_ttl, lease)?);
+            // Redis is the authority: old and new process may serve side by side during an upgrade.
+            take_over_listeners(&mut server, upgrade);
+            store
         }
         _ => {
-            let memory = Arc::new(MemoryStore::new(config.store.capacity));
-            if let Some(path) = &config.store.snapshot {
+            let snapshot = config.store.snapshot.as_deref();
+            if let Some(path) = snapshot {
                 // Fail now, not at the stop, if the snapshot could not be written there.
                 probe_writable(path)?;
+            }
+            // One process at a time serves from a memory table (see lifecycle.rs).
+            let lock_path = TableLock::path_for(snapshot, &config.server.upgrade_sock);
+            let lock = if upgrade {
+                take_over_listeners(&mut server, upgrade);
+                // The old process goes on serving for 5 s (Pingora's hand-over time), then finishes
+                // its requests within its grace period and saves its table; connections meanwhile
+                // wait in the listen queue.
+                let limit = Duration::from_secs(5 + config.server.grace_period_seconds + 30);
+                TableLock::wait_for(&lock_path, limit)?
+            } else {
+                let lock = TableLock::acquire(&lock_path)?;
+                take_over_listeners(&mut server, upgrade);
+                lock
+            };
+            let memory = Arc::new(MemoryStore::new(config.store.capacity));
+            if let Some(path) = snapshot {
                 // Before the first request: the snapshot is consumed whether it can be used or not.
                 match memory.restore_snapshot(path) {
                     Ok(Some(n)) => {
@@ -99,19 +127,19 @@ fn run(config: Config) -> anyhow::Result<()> {
                     }
                 }
             }
-            memory_store = Some(memory.clone());
+            stop.memory = Some((memory.clone(), config.store.snapshot.clone(), lock));
             memory
         }
     };
 
     let admin_store = store.clone();
-    let mut server = Server::new_with_opt_and_conf(Opt::default(), pingora_conf(&config));
-    server.bootstrap();
+    let connections = Connections::new();
     // The header deadline wraps Pingora's HTTP loop: a client dripping its request head is cut off.
     let mut proxy = etag_gateway::header_deadline::proxy_service(
         &server.configuration,
         Gateway::new(store.clone(), Arc::new(upstreams), settings),
         config.limits.header_read_timeout,
+        connections.clone(),
     );
     for addr in &config.server.listen {
         proxy.add_tcp(&addr.to_string());
@@ -139,26 +167,85 @@ fn run(config: Config) -> anyhow::Result<()> {
     }
     if let Some(addr) = config.admin.listen {
         let app = AdminApp::new(admin_store, config.admin.token.clone());
-        let app = HeaderDeadline::new(HttpServer::new_app(app), config.limits.header_read_timeout);
+        let app = HeaderDeadline::new(
+            HttpServer::new_app(app),
+            config.limits.header_read_timeout,
+            Connections::new(),
+        );
         let mut admin = Service::new("etag-gateway admin".to_string(), app);
         admin.add_tcp(&addr.to_string());
         server.add_service(admin);
         tracing::info!(%addr, etag_api = config.admin.token.is_some(), "admin listener");
     }
+
+    // Once a stop has begun, exit as soon as the last connection is done and no write is held,
+    // rather than sleeping out the whole grace period (a successor may be waiting for the table).
+    let stop = Arc::new(stop);
+    server.add_service(background_service(
+        "exit when drained",
+        ExitWhenDrained {
+            limit: Duration::from_secs(config.server.grace_period_seconds),
+            drained: {
+                let stop = stop.clone();
+                move || connections.open_now() == 0 && stop.writes_held() == 0
+            },
+            finish: {
+                let stop = stop.clone();
+                move || stop.finish()
+            },
+        },
+    ));
     // Returns once every service has stopped: nothing can change the table any more.
     server.run(RunArgs::default());
-    if let (Some(memory), Some(path)) = (memory_store, &config.store.snapshot) {
-        match memory.save_snapshot(path) {
-            Ok(n) => {
-                tracing::info!(entries = n, path = %path.display(), "etag table saved for the next start")
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "could not save the etag table: the next start begins empty")
+    stop.finish();
+    Ok(())
+}
+
+/// Takes the listening sockets over from the process being upgraded (`--upgrade`: blocks until it
+/// sends them on SIGQUIT; Pingora exits if none come within 5 s); without it, nothing happens here.
+fn take_over_listeners(server: &mut Server, upgrade: bool) {
+    if upgrade {
+        tracing::info!(
+            "upgrade: waiting for the running gateway's listening sockets (send it SIGQUIT)"
+        );
+    }
+    server.bootstrap();
+    if upgrade {
+        tracing::info!("upgrade: listening sockets received");
+    }
+}
+
+/// What a stop must do once nothing can change the table any more, exactly once: save the memory
+/// table to its snapshot. The table lock is released only when the process exits, after that.
+#[derive(Default)]
+struct Stop {
+    memory: Option<(Arc<MemoryStore>, Option<PathBuf>, TableLock)>,
+    done: Mutex<bool>,
+}
+
+impl Stop {
+    fn writes_held(&self) -> usize {
+        self.memory.as_ref().map_or(0, |(m, _, _)| m.busy_len())
+    }
+
+    fn finish(&self) {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        if *done {
+            return;
+        }
+        if let Some((memory, Some(path), _lock)) = &self.memory {
+            match memory.save_snapshot(path) {
+                Ok(n) => {
+                    tracing::info!(entries = n, path = %path.display(), "etag table saved for the next start")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not save the etag table: the next start begins empty")
+                }
             }
         }
+        tracing::info!("stopped");
+        *done = true;
     }
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// Checks that a file can be created next to `path` (where the snapshot will be written).
@@ -176,23 +263,18 @@ fn probe_writable(path: &std::path::Path) -> anyhow::Result<()> {
 
 /// Pingora's own settings, from ours. Its defaults that would bite are replaced: a 300 s grace
 /// period (docker stops after 10 s), and pid/upgrade-socket paths shared by every instance on a host.
-fn pingora_conf(config: &Config) -> ServerConf {
-    let id = std::process::id();
-    let tmp = std::env::temp_dir();
+fn pingora_conf(config: &Config, daemon: bool) -> ServerConf {
     ServerConf {
         threads: config.server.threads,
         // Pingora waits the whole grace period, then gives its runtimes a shutdown timeout: together
-        // they make grace_period_seconds, so the process is gone within it.
+        // they make grace_period_seconds, so the process is gone within it (or earlier: see
+        // ExitWhenDrained).
         grace_period_seconds: Some(config.server.grace_period_seconds.saturating_sub(1)),
         graceful_shutdown_timeout_seconds: Some(config.server.grace_period_seconds.min(1)),
-        pid_file: tmp
-            .join(format!("etag-gateway-{id}.pid"))
-            .display()
-            .to_string(),
-        upgrade_sock: tmp
-            .join(format!("etag-gateway-{id}.sock"))
-            .display()
-            .to_string(),
+        daemon,
+        pid_file: config.server.pid_file.display().to_string(),
+        // Old and new process must agree on it (see ServerConfig::upgrade_sock).
+        upgrade_sock: config.server.upgrade_sock.display().to_string(),
         ..ServerConf::default()
     }
 }

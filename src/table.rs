@@ -236,6 +236,11 @@ impl EtagTable {
         self.idle.len() + self.busy.len()
     }
 
+    /// Entries with writes in flight, or held after a write whose outcome is unknown.
+    pub fn busy_len(&self) -> usize {
+        self.busy.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

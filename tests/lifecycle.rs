@@ -115,3 +115,43 @@ async fn etags_survive_a_clean_restart_but_not_a_crash() {
         (200, "v2".to_string())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_as_soon_as_the_last_request_is_done_not_at_the_end_of_the_grace_period() {
+    let backend = DemoBackend::start(&["--delay-ms", "300"]);
+    let mut gateway = Gateway::start(
+        &backend.url(),
+        Some("[server]\ngrace_period_seconds = 60\n"),
+    );
+    let url = format!("{}/docs/a", gateway.url());
+    let in_flight = tokio::spawn(async move {
+        client()
+            .put(&url)
+            .body("v1")
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (took, gateway) = tokio::task::spawn_blocking(move || {
+        let took = gateway.terminate(Duration::from_secs(30));
+        (took, gateway)
+    })
+    .await
+    .unwrap();
+    assert_eq!(in_flight.await.unwrap().expect("answered"), 201);
+    let took = took.unwrap_or_else(|| {
+        panic!(
+            "still running 30 s after SIGTERM (grace period 60 s):\n{}",
+            gateway.stderr()
+        )
+    });
+    // Drained within a fraction of a second of the write's answer; 30 s leaves room for a slow
+    // machine while still telling "when drained" from "at the end of the grace period".
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert!(
+        gateway.stderr().contains("every connection is done"),
+        "{}",
+        gateway.stderr()
+    );
+}

@@ -43,6 +43,11 @@ impl MemoryStore {
         self.len() == 0
     }
 
+    /// Resources with a write in flight (or held after one whose outcome is unknown).
+    pub fn busy_len(&self) -> usize {
+        self.table().busy_len()
+    }
+
     /// Writes the table to `path` (at a clean stop, once nothing can change it any more).
     pub fn save_snapshot(&self, path: &Path) -> Result<usize, SnapshotError> {
         let entries: Vec<SnapshotEntry> = self

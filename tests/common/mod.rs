@@ -157,6 +157,10 @@ impl DemoBackend {
 }
 
 /// `kill -<sig> <pid>` (no libc in the test dependencies).
+pub fn signal_pid(pid: u32, sig: &str) {
+    signal(pid, sig)
+}
+
 fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
@@ -446,6 +450,53 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 }
 
 impl Gateway {
+    /// Starts the successor of this gateway for a zero-downtime upgrade: `etag-gateway --upgrade`
+    /// with the same upstream and listen address and `config_toml` (which should be this one's).
+    /// Returns at once: the successor waits for this gateway's sockets, sent on SIGQUIT.
+    pub fn start_successor(&self, upstream_url: &str, config_toml: Option<&str>) -> Gateway {
+        let dir = unique_temp_dir("etag-gateway-successor");
+        let stderr = File::create(dir.join("stderr.log")).expect("create stderr file");
+        let stdout = File::create(dir.join("stdout.log")).expect("create stdout file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_etag-gateway"));
+        cmd.args(["--upgrade", "--upstream", upstream_url])
+            .args(["--listen", &self.addr.to_string()]);
+        if let Some(toml) = config_toml {
+            let path = dir.join("gateway.toml");
+            std::fs::write(&path, toml).expect("write config file");
+            cmd.arg("--config").arg(&path);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn etag-gateway --upgrade");
+        Gateway {
+            child,
+            addr: self.addr,
+            dir,
+        }
+    }
+
+    /// `kill -<sig>` to the gateway (`"QUIT"`, `"TERM"`, ...).
+    pub fn signal(&self, sig: &str) {
+        signal(self.child.id(), sig);
+    }
+
+    /// Waits up to `limit` for the process to exit on its own; its exit status, or `None`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if started.elapsed() >= limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Kills the gateway with SIGKILL, as a crash would: no graceful shutdown, reservations it holds
     /// are left behind. Dropping it afterwards is fine.
     pub fn kill(&mut self) {
