@@ -240,15 +240,18 @@ impl Drop for AwaitingFirstHead {
 /// would otherwise sleep out the whole grace period however early the last request ended; past
 /// `limit`, its own shutdown goes on. (A service, not a thread started beforehand, so that it runs
 /// in the daemon after `--daemon` forks.)
-pub struct ExitWhenDrained<D, F> {
+pub struct ExitWhenDrained<B, D, F> {
     pub limit: Duration,
+    /// Called once when the stop begins.
+    pub begin: B,
     pub drained: D,
     pub finish: F,
 }
 
 #[async_trait::async_trait]
-impl<D, F> BackgroundService for ExitWhenDrained<D, F>
+impl<B, D, F> BackgroundService for ExitWhenDrained<B, D, F>
 where
+    B: Fn() + Send + Sync,
     D: Fn() -> bool + Send + Sync,
     F: Fn() + Send + Sync,
 {
@@ -258,6 +261,7 @@ where
                 return;
             }
         }
+        (self.begin)();
         let started = Instant::now();
         while started.elapsed() < self.limit {
             if (self.drained)() {

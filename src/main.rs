@@ -6,6 +6,7 @@ use etag_gateway::config::{Cli, Config, StoreKind};
 use etag_gateway::header_deadline::HeaderDeadline;
 use etag_gateway::lifecycle::{Connections, ExitWhenDrained, TableLock};
 use etag_gateway::proxy::{Gateway, GatewaySettings};
+use etag_gateway::store::memory::ReleaseHolds;
 use etag_gateway::store::{EtagStore, MemoryStore, RedisStore};
 use etag_gateway::upstream::Upstreams;
 use pingora::apps::http_app::HttpServer;
@@ -116,8 +117,17 @@ fn run(config: Config, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
             if let Some(path) = snapshot {
                 // Before the first request: the snapshot is consumed whether it can be used or not.
                 match memory.restore_snapshot(path) {
-                    Ok(Some(n)) => {
-                        tracing::info!(entries = n, path = %path.display(), "etag table restored from the snapshot of a clean stop")
+                    Ok(Some(restored)) => {
+                        tracing::info!(entries = restored.entries, held = restored.held.len(), path = %path.display(), "etag table restored from the snapshot of a clean stop");
+                        if !restored.held.is_empty() {
+                            server.add_service(background_service(
+                                "release held writes",
+                                ReleaseHolds {
+                                    store: memory.clone(),
+                                    held: restored.held,
+                                },
+                            ));
+                        }
                     }
                     Ok(None) => {
                         tracing::info!(path = %path.display(), "no snapshot to restore: the etag table starts empty")
@@ -127,7 +137,16 @@ fn run(config: Config, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
                     }
                 }
             }
-            stop.memory = Some((memory.clone(), config.store.snapshot.clone(), lock));
+            // A write may still be applied this long after the stop: the longest a forwarded write
+            // can take, on any route.
+            let (connect_timeout, read_timeout) = upstreams.longest_timeouts();
+            let hold = settings.longest_write(connect_timeout, read_timeout);
+            stop.memory = Some(StoppingTable {
+                memory: memory.clone(),
+                snapshot: config.store.snapshot.clone(),
+                hold,
+                _lock: lock,
+            });
             memory
         }
     };
@@ -185,6 +204,10 @@ fn run(config: Config, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
         "exit when drained",
         ExitWhenDrained {
             limit: Duration::from_secs(config.server.grace_period_seconds),
+            begin: {
+                let stop = stop.clone();
+                move || stop.begin()
+            },
             drained: {
                 let stop = stop.clone();
                 move || connections.open_now() == 0 && stop.writes_held() == 0
@@ -219,13 +242,27 @@ fn take_over_listeners(server: &mut Server, upgrade: bool) {
 /// table to its snapshot. The table lock is released only when the process exits, after that.
 #[derive(Default)]
 struct Stop {
-    memory: Option<(Arc<MemoryStore>, Option<PathBuf>, TableLock)>,
+    memory: Option<StoppingTable>,
     done: Mutex<bool>,
 }
 
+struct StoppingTable {
+    memory: Arc<MemoryStore>,
+    snapshot: Option<PathBuf>,
+    /// How long a write without an outcome must stay locked after the stop.
+    hold: Duration,
+    _lock: TableLock,
+}
+
 impl Stop {
+    fn begin(&self) {
+        if let Some(t) = &self.memory {
+            t.memory.begin_stop();
+        }
+    }
+
     fn writes_held(&self) -> usize {
-        self.memory.as_ref().map_or(0, |(m, _, _)| m.busy_len())
+        self.memory.as_ref().map_or(0, |t| t.memory.busy_len())
     }
 
     fn finish(&self) {
@@ -233,10 +270,16 @@ impl Stop {
         if *done {
             return;
         }
-        if let Some((memory, Some(path), _lock)) = &self.memory {
-            match memory.save_snapshot(path) {
-                Ok(n) => {
-                    tracing::info!(entries = n, path = %path.display(), "etag table saved for the next start")
+        if let Some(StoppingTable {
+            memory,
+            snapshot: Some(path),
+            hold,
+            ..
+        }) = &self.memory
+        {
+            match memory.save_snapshot(path, *hold) {
+                Ok((entries, held)) => {
+                    tracing::info!(entries, held, path = %path.display(), "etag table saved for the next start")
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "could not save the etag table: the next start begins empty")

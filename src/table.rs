@@ -520,6 +520,44 @@ impl EtagTable {
         }
     }
 
+    /// The resources with a write in flight or held: their state is not known yet.
+    pub fn busy_slots(&self) -> Vec<Slot> {
+        self.busy.keys().copied().collect()
+    }
+
+    /// Locks a resource as if a write to it were in flight (a hold carried over a restart): reads
+    /// get no etag and conditional writes are refused until [`EtagTable::release_held`].
+    pub fn hold(&mut self, slot: Slot) {
+        let version = self.next_version();
+        let mut entry = self
+            .idle
+            .pop(&slot)
+            .or_else(|| self.busy.remove(&slot))
+            .unwrap_or_else(|| Entry::new(version));
+        entry.etag = None;
+        entry.backend = None;
+        entry.version = version;
+        entry.writes_in_flight += 1;
+        self.busy.insert(slot, entry);
+    }
+
+    /// Ends a hold like a write settled as unknown: a state nobody holds an etag for.
+    pub fn release_held(&mut self, slot: Slot) {
+        let version = self.next_version();
+        let Some(entry) = self.busy.get_mut(&slot) else {
+            return;
+        };
+        entry.writes_in_flight = entry.writes_in_flight.saturating_sub(1);
+        entry.etag = None;
+        entry.backend = None;
+        entry.version = version;
+        if entry.settled() {
+            if let Some(entry) = self.busy.remove(&slot) {
+                self.keep_idle(slot, entry);
+            }
+        }
+    }
+
     /// What the table holds for a resource (admin API).
     pub fn describe(&self, key: &ResourceKey) -> Option<EntryState> {
         self.peek(key).map(|e| EntryState {
@@ -625,6 +663,31 @@ mod tests {
     ) -> Result<Option<Etag>, Refusal> {
         let ticket = reserve(t, k, pre)?;
         Ok(t.settle_write(ticket, WriteOutcome::Applied(Etag::fresh()), none()))
+    }
+
+    #[test]
+    fn a_hold_carried_over_a_restart_locks_the_resource_until_released() {
+        let mut t = table(10);
+        let k = key("/docs/held");
+        let old = read(&mut t, &k).unwrap();
+        t.hold(Slot::of(&k));
+        assert_eq!(t.busy_slots(), vec![Slot::of(&k)]);
+        assert!(reserve(&mut t, &k, Some(old)).is_err(), "old etag refused");
+        assert_eq!(read(&mut t, &k), None, "no etag while held");
+        // A resource the table never saw can be held too (the snapshot names slots only).
+        let other = key("/docs/never-read");
+        t.hold(Slot::of(&other));
+        assert_eq!(read(&mut t, &other), None);
+
+        t.release_held(Slot::of(&k));
+        t.release_held(Slot::of(&other));
+        assert!(t.busy_slots().is_empty());
+        let fresh = read(&mut t, &k).expect("an etag again after the hold");
+        assert_ne!(fresh, old);
+        assert!(read(&mut t, &other).is_some());
+        // Releasing what is not held changes nothing.
+        t.release_held(Slot::of(&k));
+        assert_eq!(t.current(&k), Some(fresh));
     }
 
     #[test]

@@ -358,8 +358,14 @@ async fn daemon_mode_upgrade_the_way_the_systemd_unit_reloads() {
         "the old daemon still runs:\n{}",
         log()
     );
-    let new_pid = read_pid(&pid_file).expect("a pid file");
-    assert_ne!(new_pid, old_pid);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            read_pid(&pid_file).is_some_and(|pid| pid != old_pid)
+        }),
+        "the new daemon's pid is not in the pid file:\n{}",
+        log()
+    );
+    let new_pid = read_pid(&pid_file).unwrap();
     assert!(alive(new_pid), "{}", log());
 
     // The etag issued by the old daemon is current in the new one.
