@@ -6,7 +6,9 @@
 //! current one. The epoch (shared store only) changes when the store loses its history (restart from an
 //! old snapshot, failover): every etag of an older epoch is then stale, even if old data comes back.
 
+use http::HeaderValue;
 use std::fmt;
+use std::io::Write;
 use uuid::Uuid;
 
 /// An etag issued by this gateway. Text form: `<uuid>` (epoch 0, the memory store) or
@@ -18,6 +20,8 @@ pub struct Etag {
 }
 
 const UUID_LEN: usize = 36;
+/// The longest `ETag` header value: quotes around a u64 epoch (20 digits), a hyphen and a UUID.
+const HEADER_VALUE_MAX: usize = 2 + 20 + 1 + UUID_LEN;
 
 impl Etag {
     /// A fresh etag that nobody holds yet.
@@ -53,9 +57,23 @@ impl Etag {
         })
     }
 
-    /// The value for an `ETag` response header: quoted, as RFC 9110 wants.
-    pub fn header_value(&self) -> String {
-        format!("\"{self}\"")
+    /// The value for an `ETag` response header: quoted, as RFC 9110 wants. Written on the stack, so
+    /// that the header value's own buffer is the only allocation: this runs for every answer that
+    /// carries an etag.
+    pub fn header_value(&self) -> HeaderValue {
+        let mut buf = [0u8; HEADER_VALUE_MAX];
+        let mut out = &mut buf[..];
+        let mut id = [0u8; UUID_LEN];
+        let id = self.id.hyphenated().encode_lower(&mut id);
+        // Writing into a slice long enough for the longest etag cannot fail.
+        let written = if self.epoch == 0 {
+            write!(out, "\"{id}\"")
+        } else {
+            write!(out, "\"{}-{id}\"", self.epoch)
+        };
+        written.expect("HEADER_VALUE_MAX holds any etag");
+        let len = HEADER_VALUE_MAX - out.len();
+        HeaderValue::from_bytes(&buf[..len]).expect("digits, hex and hyphens in quotes")
     }
 }
 
@@ -86,7 +104,7 @@ mod tests {
         let b = Etag::fresh();
         assert_ne!(a, b);
         assert_eq!(Etag::parse(&a.to_string()), Some(a));
-        assert_eq!(a.header_value(), format!("\"{a}\""));
+        assert_eq!(a.header_value().to_str().unwrap(), format!("\"{a}\""));
         assert_eq!(a.to_string().len(), 36);
     }
 
@@ -97,9 +115,36 @@ mod tests {
         assert!(text.starts_with("1796000000123-"), "{text}");
         assert_eq!(Etag::parse(&text), Some(e));
         assert_eq!(e.epoch(), 1_796_000_000_123);
+        assert_eq!(e.header_value().to_str().unwrap(), format!("\"{text}\""));
         // the same id in another epoch is another etag
         let other = Etag::parse(&format!("7-{}", &text[text.len() - 36..])).unwrap();
         assert_ne!(other, e);
+    }
+
+    #[test]
+    fn header_values_are_the_quoted_text_in_both_forms() {
+        let id = Uuid::parse_str("dd62a2e0-2744-11df-a9ff-001c251ced36").unwrap();
+        let plain = Etag { epoch: 0, id };
+        assert_eq!(
+            plain.header_value(),
+            "\"dd62a2e0-2744-11df-a9ff-001c251ced36\""
+        );
+        let with_epoch = Etag { epoch: 7, id };
+        assert_eq!(
+            with_epoch.header_value(),
+            "\"7-dd62a2e0-2744-11df-a9ff-001c251ced36\""
+        );
+        let longest = Etag {
+            epoch: u64::MAX,
+            id,
+        };
+        assert_eq!(
+            longest.header_value(),
+            "\"18446744073709551615-dd62a2e0-2744-11df-a9ff-001c251ced36\""
+        );
+        for e in [plain, with_epoch, longest, Etag::fresh(), Etag::fresh_in(1)] {
+            assert_eq!(e.header_value().to_str().unwrap(), format!("\"{e}\""));
+        }
     }
 
     #[test]

@@ -231,7 +231,52 @@ async fn send_answer(session: &mut Session, answer: GatewayAnswer) -> Result<()>
     Ok(())
 }
 
+/// The largest request body the gateway reads (and drops) before answering a request it refuses
+/// itself: see [`Gateway::drain_small_body`].
+const DRAIN_BEFORE_ANSWER_MAX: u64 = 16 * 1024;
+
 impl Gateway {
+    /// Reads and drops the body of a request the gateway answers itself (refused, 304, ...), when it
+    /// is small and its length known, so that the connection can carry the client's next request:
+    /// with the body unread Pingora must answer `Connection: close` (the next request's first byte
+    /// cannot be found), and every conflict would cost the client a reconnect. Only a
+    /// `Content-Length` body of at most 16 KiB and within `limits.max_body_bytes`, read within
+    /// `body_read_timeout`; chunked or larger bodies, `Expect: 100-continue` (the client waits for
+    /// us before sending) and a body that does not arrive in time keep closing the connection.
+    /// The bytes read go nowhere: the request is still never forwarded.
+    async fn drain_small_body(&self, session: &mut Session) {
+        let headers = &session.req_header().headers;
+        if headers.contains_key(header::TRANSFER_ENCODING) || headers.contains_key(header::EXPECT) {
+            return;
+        }
+        let Some(length) = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        else {
+            return;
+        };
+        let max = self
+            .settings
+            .limits
+            .max_body_bytes
+            .map_or(DRAIN_BEFORE_ANSWER_MAX, |m| m.min(DRAIN_BEFORE_ANSWER_MAX));
+        if length == 0 || length > max {
+            return;
+        }
+        let downstream = session.as_downstream_mut();
+        let drained = tokio::time::timeout(
+            self.settings.body_read_timeout,
+            downstream.drain_request_body(),
+        )
+        .await;
+        if !matches!(drained, Ok(Ok(()))) {
+            // Part of the body may be unread: the connection cannot be reused.
+            downstream.set_keepalive(None);
+            tracing::debug!("the body of a refused request did not arrive in time: closing");
+        }
+    }
+
     /// The policy of a route.
     fn policy(&self, route: RouteId) -> &PolicyConfig {
         self.upstreams.policy(route)
@@ -487,6 +532,7 @@ impl ProxyHttp for Gateway {
                     Metrics::get().etags_issued.inc();
                 }
                 tracing::debug!(status = answer.status.as_u16(), key = ?ctx.key, "answered by the gateway");
+                self.drain_small_body(session).await;
                 send_answer(session, answer).await?;
                 Ok(true)
             }

@@ -40,24 +40,16 @@ pub struct RouteId(usize);
 /// The health-check services of the routes' server lists, to be added to the Pingora server.
 pub type HealthChecks = Vec<GenBackgroundService<LoadBalancer<RoundRobin>>>;
 
-/// How to reach one resolved server address.
-#[derive(Debug, Clone)]
-struct Endpoint {
-    tls: bool,
-    /// The host of the URL: SNI and the name the certificate must be valid for.
-    sni: String,
-}
-
 /// One route: where its requests go and under which policy.
 pub struct Route {
     prefix: String,
     host: Option<String>,
     servers: Arc<LoadBalancer<RoundRobin>>,
-    endpoints: HashMap<SocketAddr, Endpoint>,
+    /// Each resolved server address with its timeouts and TLS, built once: a request clones its
+    /// server's (building one costs a string round trip of the address and the option setting).
+    peers: HashMap<SocketAddr, HttpPeer>,
     connect_timeout: Duration,
     read_timeout: Duration,
-    /// Trusted CAs for https:// servers instead of the system's.
-    ca: Option<Arc<CaType>>,
     pub policy: PolicyConfig,
 }
 
@@ -135,24 +127,6 @@ impl Route {
         Route,
         Option<GenBackgroundService<LoadBalancer<RoundRobin>>>,
     )> {
-        let mut endpoints = HashMap::new();
-        for server in &config.servers {
-            let resolved = server
-                .address()
-                .to_socket_addrs()
-                .with_context(|| format!("cannot resolve the upstream {server}"))?;
-            for addr in resolved {
-                endpoints.insert(addr, endpoint(server));
-            }
-        }
-        if endpoints.is_empty() {
-            anyhow::bail!(
-                "the upstreams of route {} resolve to no address",
-                config.prefix
-            );
-        }
-        let mut servers = LoadBalancer::<RoundRobin>::try_from_iter(endpoints.keys().copied())
-            .context("cannot build the upstream list")?;
         let ca = match &config.ca_file {
             Some(path) => {
                 let certs = load_ca_certificates(path)
@@ -165,6 +139,24 @@ impl Route {
             }
             None => None,
         };
+        let mut peers = HashMap::new();
+        for server in &config.servers {
+            let resolved = server
+                .address()
+                .to_socket_addrs()
+                .with_context(|| format!("cannot resolve the upstream {server}"))?;
+            for addr in resolved {
+                peers.insert(addr, configured_peer(addr, server, config, ca.as_ref()));
+            }
+        }
+        if peers.is_empty() {
+            anyhow::bail!(
+                "the upstreams of route {} resolve to no address",
+                config.prefix
+            );
+        }
+        let mut servers = LoadBalancer::<RoundRobin>::try_from_iter(peers.keys().copied())
+            .context("cannot build the upstream list")?;
         let (servers, service) = match health_check {
             Some(every) => {
                 // A plain TCP connect, also for https:// servers: the question is only whether the
@@ -186,10 +178,9 @@ impl Route {
             prefix: config.prefix.clone(),
             host: config.host.clone(),
             servers,
-            endpoints,
+            peers,
             connect_timeout: config.connect_timeout,
             read_timeout: config.read_timeout,
-            ca,
             policy: config.policy.clone(),
         };
         Ok((route, service))
@@ -204,38 +195,50 @@ impl Route {
             // servers back before it noticed). A dead one answers 502 as it would without checks.
             .or_else(|| self.servers.select_with(b"", 256, |_, _| true))
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no upstream available"))?;
-        Ok(self.peer_for(&backend))
+        self.peer_for(&backend)
     }
 
-    fn peer_for(&self, backend: &Backend) -> HttpPeer {
-        let endpoint = backend
+    fn peer_for(&self, backend: &Backend) -> Result<HttpPeer> {
+        backend
             .addr
             .as_inet()
-            .and_then(|addr| self.endpoints.get(addr));
-        let (tls, sni) = match endpoint {
-            Some(e) if e.tls => (true, e.sni.clone()),
-            _ => (false, String::new()),
-        };
-        let mut peer = HttpPeer::new(backend.addr.to_string(), tls, sni);
-        peer.options.connection_timeout = Some(self.connect_timeout);
-        peer.options.read_timeout = Some(self.read_timeout);
-        peer.options.write_timeout = Some(self.read_timeout);
-        peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
-        if tls {
-            // Pingora's defaults, stated: the certificate and its name are always verified.
-            peer.options.verify_cert = true;
-            peer.options.verify_hostname = true;
-            peer.options.ca = self.ca.clone();
-        }
-        peer
+            .and_then(|addr| self.peers.get(addr))
+            .cloned()
+            // The balancer only holds the addresses the peers were built for.
+            .ok_or_else(|| {
+                Error::explain(
+                    ErrorType::ConnectNoRoute,
+                    format!("no upstream configured for {}", backend.addr),
+                )
+            })
     }
 }
 
-fn endpoint(server: &Upstream) -> Endpoint {
-    Endpoint {
-        tls: server.tls,
-        sni: server.host.clone(),
+/// The peer for one resolved address of a server: the route's timeouts, and for https:// the
+/// certificate verified against the URL's host (also the SNI), with the route's CAs if it has them.
+fn configured_peer(
+    addr: SocketAddr,
+    server: &Upstream,
+    route: &RouteConfig,
+    ca: Option<&Arc<CaType>>,
+) -> HttpPeer {
+    let sni = if server.tls {
+        server.host.clone()
+    } else {
+        String::new()
+    };
+    let mut peer = HttpPeer::new(addr, server.tls, sni);
+    peer.options.connection_timeout = Some(route.connect_timeout);
+    peer.options.read_timeout = Some(route.read_timeout);
+    peer.options.write_timeout = Some(route.read_timeout);
+    peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
+    if server.tls {
+        // Pingora's defaults, stated: the certificate and its name are always verified.
+        peer.options.verify_cert = true;
+        peer.options.verify_hostname = true;
+        peer.options.ca = ca.cloned();
     }
+    peer
 }
 
 impl Upstreams {

@@ -7,7 +7,9 @@
 
 mod common;
 
-use common::{backend_get, backend_log, client, etag_of, send, DemoBackend, Gateway};
+use common::{
+    backend_get, backend_log, client, etag_of, send, DemoBackend, Gateway, RawConnection,
+};
 use reqwest::{Client, Method, Response};
 use serde_json::Value;
 use std::time::Duration;
@@ -941,4 +943,91 @@ async fn write_to_a_grandchild_changes_the_collection_etag() {
         "PUT /docs with the etag of the old listing"
     );
     assert_eq!(backend_state(&backend, "/docs").await, before);
+}
+
+#[tokio::test]
+async fn a_refused_write_with_a_small_body_keeps_the_connection() {
+    let (backend, gw, c) = start(&[], None);
+    put_unconditionally(&c, &gw, DOC, "v1").await;
+    let (old, _) = read(&c, &gw, DOC).await;
+    let r = send(
+        &c,
+        Method::PUT,
+        &gw.url(),
+        DOC,
+        &[("If-Match", &quoted(&old))],
+        Some("v2"),
+    )
+    .await;
+    assert!(
+        r.status().is_success(),
+        "PUT with the current etag: {}",
+        r.status()
+    );
+    let current = etag_of(&r).expect("new etag");
+    let before = backend_state(&backend, DOC).await;
+    let stale = quoted(&old);
+
+    // Two stale writes with a small body on one connection: the gateway reads and drops each body,
+    // answers the seed's conflict and keeps the connection for the next request.
+    let mut conn = RawConnection::open(gw.addr());
+    for attempt in 0..2 {
+        let r = conn.request(
+            "PUT",
+            DOC,
+            &[("If-Match", &stale), ("Content-Type", "application/json")],
+            br#"{"v":3}"#,
+        );
+        assert_eq!(r.status, 409, "stale PUT {attempt}: {}", r.text());
+        assert_eq!(
+            r.etag().as_deref(),
+            Some(current.as_str()),
+            "stale PUT {attempt}"
+        );
+        assert_eq!(
+            r.header("connection")
+                .map(str::to_ascii_lowercase)
+                .as_deref(),
+            Some("keep-alive"),
+            "stale PUT {attempt}"
+        );
+        let body: Value = serde_json::from_slice(&r.body).expect("a JSON body");
+        assert_eq!(body["url"], DOC);
+        assert_eq!(body["actualETag"], old.as_str());
+        assert_eq!(body["expectedETag"], current.as_str());
+        assert_eq!(
+            body["error"],
+            "PUT attempted on document 'a' using a non current etag"
+        );
+    }
+    // The connection still carries ordinary requests.
+    let r = conn.request("GET", DOC, &[], b"");
+    assert_eq!(r.status, 200, "GET after two conflicts: {}", r.text());
+    assert_eq!(r.etag().as_deref(), Some(current.as_str()));
+
+    // A body over 16 KiB is left unread: answered, then the connection is closed.
+    let large = vec![b'x'; 16 * 1024 + 1];
+    let r = conn.request("PUT", DOC, &[("If-Match", &stale)], &large);
+    assert_eq!(r.status, 409, "stale PUT with a large body: {}", r.text());
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(conn.closes_within(Duration::from_secs(3)));
+
+    // So is a chunked body (its length is not known up front).
+    let mut conn = RawConnection::open(gw.addr());
+    let r = conn.request(
+        "PUT",
+        DOC,
+        &[("If-Match", &stale), ("Transfer-Encoding", "chunked")],
+        b"7\r\n{\"v\":4}\r\n0\r\n\r\n",
+    );
+    assert_eq!(r.status, 409, "stale chunked PUT: {}", r.text());
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(conn.closes_within(Duration::from_secs(3)));
+
+    assert_eq!(
+        backend_state(&backend, DOC).await,
+        before,
+        "a refused PUT reached the backend"
+    );
+    assert_eq!(before, ((200, "v2".into()), 2));
 }

@@ -430,6 +430,141 @@ pub fn raw_request(
     resp
 }
 
+/// One HTTP/1.1 connection kept open across requests (blocking): for what the gateway does with
+/// the connection after an answer.
+pub struct RawConnection {
+    stream: TcpStream,
+    addr: SocketAddr,
+    /// Bytes read past the end of the last response.
+    unread: Vec<u8>,
+}
+
+impl RawConnection {
+    pub fn open(addr: SocketAddr) -> RawConnection {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        RawConnection {
+            stream,
+            addr,
+            unread: Vec::new(),
+        }
+    }
+
+    /// Sends one request and reads its response. `Content-Length` is added unless `headers` has a
+    /// `Transfer-Encoding` (then `body` must be the encoded body, sent as given).
+    pub fn request(
+        &mut self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> RawResponse {
+        let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {}\r\n", self.addr);
+        for (name, value) in headers {
+            req.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if !headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"))
+        {
+            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        // A server that answers early and closes may make the write fail; its answer is still
+        // readable.
+        let _ = self.stream.write_all(&bytes);
+        self.read_response(method)
+    }
+
+    /// Reads one response: its head, then its body by `Content-Length` or chunked coding (up to the
+    /// close without either).
+    pub fn read_response(&mut self, method: &str) -> RawResponse {
+        let mut buf = std::mem::take(&mut self.unread);
+        let split = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            assert!(
+                self.fill(&mut buf) > 0,
+                "closed inside a response head: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+        };
+        let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+        let mut rest = buf.split_off(split + 4);
+        let (status, headers) = parse_head(&head);
+        let mut resp = RawResponse {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if method == "HEAD" || status == 204 || status == 304 {
+            self.unread = rest;
+        } else if resp
+            .header("transfer-encoding")
+            .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
+        {
+            while !rest.windows(5).any(|w| w == b"0\r\n\r\n") {
+                assert!(self.fill(&mut rest) > 0, "closed inside a chunked body");
+            }
+            resp.body = dechunk(&rest);
+        } else if let Some(len) = resp
+            .header("content-length")
+            .and_then(|l| l.parse::<usize>().ok())
+        {
+            while rest.len() < len {
+                assert!(self.fill(&mut rest) > 0, "closed inside a response body");
+            }
+            self.unread = rest.split_off(len);
+            resp.body = rest;
+        } else {
+            while self.fill(&mut rest) > 0 {}
+            resp.body = rest;
+        }
+        resp
+    }
+
+    /// Whether the server closes the connection (end of stream or reset) within `wait`, sending
+    /// nothing more.
+    pub fn closes_within(&mut self, wait: Duration) -> bool {
+        assert!(self.unread.is_empty(), "unexpected bytes after the answer");
+        self.stream.set_read_timeout(Some(wait)).unwrap();
+        let mut byte = [0u8; 64];
+        let closed = match self.stream.read(&mut byte) {
+            Ok(0) => true,
+            Ok(n) => panic!(
+                "unexpected bytes after the answer: {:?}",
+                String::from_utf8_lossy(&byte[..n])
+            ),
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        };
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        closed
+    }
+
+    /// Reads more bytes into `buf`; 0 at the end of the stream (a reset counts as the end).
+    fn fill(&mut self, buf: &mut Vec<u8>) -> usize {
+        let mut chunk = [0u8; 8192];
+        match self.stream.read(&mut chunk) {
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                n
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+            Err(e) => panic!("reading a response: {e}"),
+        }
+    }
+}
+
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
