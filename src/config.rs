@@ -90,6 +90,9 @@ pub const MAX_BODY_BYTES: u64 = 1 << 40;
 /// `upstream.health_check_interval_ms`: how often every upstream is probed with a TCP connect.
 pub const DEFAULT_HEALTH_CHECK_INTERVAL_MS: u64 = 1_000;
 
+/// `upstream.resolve_interval_ms`: how often upstream host names are looked up again.
+pub const DEFAULT_RESOLVE_INTERVAL_MS: u64 = 5_000;
+
 /// Port of an http:// upstream URL that doesn't give one.
 const DEFAULT_HTTP_PORT: u16 = 80;
 /// Port of an https:// upstream URL that doesn't give one.
@@ -183,6 +186,9 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     /// How often each route's upstreams get a TCP health check; `None`: never (all are used).
     pub health_check_interval: Option<Duration>,
+    /// How often upstream host names are resolved again (a backend container restarted on another
+    /// address); `None`: only at start. IP addresses are never looked up.
+    pub resolve_interval: Option<Duration>,
 }
 
 /// `[[route]]`: requests under a path prefix (and optionally for one host) go to their own upstreams,
@@ -692,6 +698,8 @@ struct FileUpstream {
     ca_file: Option<PathBuf>,
     #[serde(deserialize_with = "integer")]
     health_check_interval_ms: i64,
+    #[serde(deserialize_with = "integer")]
+    resolve_interval_ms: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -739,6 +747,7 @@ impl Default for FileUpstream {
             timeout_hold_ms: None,
             ca_file: None,
             health_check_interval_ms: DEFAULT_HEALTH_CHECK_INTERVAL_MS as i64,
+            resolve_interval_ms: DEFAULT_RESOLVE_INTERVAL_MS as i64,
         }
     }
 }
@@ -1005,6 +1014,12 @@ impl FileConfig {
             MAX_TIMEOUT_MS as i64,
             key("upstream.health_check_interval_ms"),
         )?;
+        let resolve_interval_ms = in_range(
+            self.upstream.resolve_interval_ms,
+            0,
+            MAX_TIMEOUT_MS as i64,
+            key("upstream.resolve_interval_ms"),
+        )?;
 
         // [policy]
         let policy = PolicyConfig {
@@ -1178,6 +1193,8 @@ impl FileConfig {
                 ca_file,
                 health_check_interval: (health_check_interval_ms > 0)
                     .then(|| Duration::from_millis(health_check_interval_ms as u64)),
+                resolve_interval: (resolve_interval_ms > 0)
+                    .then(|| Duration::from_millis(resolve_interval_ms as u64)),
             },
             routes,
             policy,

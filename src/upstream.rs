@@ -14,8 +14,9 @@ use crate::config::{Config, PolicyConfig, RouteConfig, Upstream};
 use crate::resource_key::ResourceKey;
 use anyhow::Context;
 use pingora::connectors::http::Connector;
+use pingora::lb::discovery::ServiceDiscovery;
 use pingora::lb::health_check::TcpHealthCheck;
-use pingora::lb::{selection::RoundRobin, Backend, LoadBalancer};
+use pingora::lb::{selection::RoundRobin, Backend, Backends, LoadBalancer};
 use pingora::prelude::*;
 use pingora::protocols::tls::CaType;
 use pingora::services::background::{background_service, GenBackgroundService};
@@ -23,7 +24,8 @@ use pingora::utils::tls::{parse_x509, WrappedX509};
 use pingora::ErrorType;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::sync::Arc;
@@ -44,10 +46,9 @@ pub type HealthChecks = Vec<GenBackgroundService<LoadBalancer<RoundRobin>>>;
 pub struct Route {
     prefix: String,
     host: Option<String>,
-    servers: Arc<LoadBalancer<RoundRobin>>,
-    /// Each resolved server address with its timeouts and TLS, built once: a request clones its
+    /// Each backend carries its peer (timeouts, TLS), built once per address: a request clones its
     /// server's (building one costs a string round trip of the address and the option setting).
-    peers: HashMap<SocketAddr, HttpPeer>,
+    servers: Arc<LoadBalancer<RoundRobin>>,
     connect_timeout: Duration,
     read_timeout: Duration,
     pub policy: PolicyConfig,
@@ -118,11 +119,115 @@ pub fn request_host(req: &RequestHeader) -> Option<String> {
     (!host.is_empty()).then(|| host.to_ascii_lowercase())
 }
 
+/// Looks a host name up (blocking): `host:port` to its addresses.
+type Lookup = dyn Fn(&str) -> std::io::Result<Vec<SocketAddr>> + Send + Sync;
+
+fn system_lookup(address: &str) -> std::io::Result<Vec<SocketAddr>> {
+    address.to_socket_addrs().map(Iterator::collect)
+}
+
+/// A route's servers as the load balancer's service discovery: each server's addresses, looked up
+/// again at every refresh, each address carrying its configured peer. A lookup that fails or finds
+/// nothing keeps the addresses found before (a DNS hiccup must not empty the route).
+struct Resolver {
+    servers: Vec<Upstream>,
+    /// The peer of a server at an address (the route's timeouts and TLS).
+    peer: Box<dyn Fn(SocketAddr, &Upstream) -> HttpPeer + Send + Sync>,
+    lookup: Arc<Lookup>,
+    /// The addresses last found for each server.
+    last: std::sync::Mutex<Vec<Vec<SocketAddr>>>,
+}
+
+impl Resolver {
+    /// Resolves every server now; an error names the first that resolves to nothing.
+    fn new(
+        servers: &[Upstream],
+        peer: Box<dyn Fn(SocketAddr, &Upstream) -> HttpPeer + Send + Sync>,
+        lookup: Arc<Lookup>,
+    ) -> anyhow::Result<Resolver> {
+        let mut last = Vec::with_capacity(servers.len());
+        for server in servers {
+            let addrs = lookup(&server.address())
+                .with_context(|| format!("cannot resolve the upstream {server}"))?;
+            if addrs.is_empty() {
+                anyhow::bail!("the upstream {server} resolves to no address");
+            }
+            last.push(addrs);
+        }
+        Ok(Resolver {
+            servers: servers.to_vec(),
+            peer,
+            lookup,
+            last: std::sync::Mutex::new(last),
+        })
+    }
+
+    /// Whether any server is a name (IP addresses never change).
+    fn has_names(&self) -> bool {
+        self.servers
+            .iter()
+            .any(|s| s.host.parse::<std::net::IpAddr>().is_err())
+    }
+
+    /// Looks the names up again (keeping what a failed lookup had), then the backends.
+    fn refresh(&self) -> BTreeSet<Backend> {
+        let found: Vec<Option<Vec<SocketAddr>>> = self
+            .servers
+            .iter()
+            .map(|server| {
+                if server.host.parse::<std::net::IpAddr>().is_ok() {
+                    return None;
+                }
+                match (self.lookup)(&server.address()) {
+                    Ok(addrs) if !addrs.is_empty() => Some(addrs),
+                    Ok(_) => {
+                        tracing::warn!(%server, "upstream resolves to no address now: keeping the last ones");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(%server, error = %e, "upstream lookup failed: keeping the last addresses");
+                        None
+                    }
+                }
+            })
+            .collect();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, addrs) in found.into_iter().enumerate() {
+            if let Some(addrs) = addrs {
+                if addrs != last[i] {
+                    tracing::info!(server = %self.servers[i], from = ?last[i], to = ?addrs, "upstream addresses changed");
+                    last[i] = addrs;
+                }
+            }
+        }
+        self.backends(&last)
+    }
+
+    fn backends(&self, last: &[Vec<SocketAddr>]) -> BTreeSet<Backend> {
+        let mut backends = BTreeSet::new();
+        for (server, addrs) in self.servers.iter().zip(last) {
+            for &addr in addrs {
+                let mut ext = http::Extensions::new();
+                ext.insert((self.peer)(addr, server));
+                backends.insert(Backend {
+                    addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
+                    weight: 1,
+                    ext,
+                });
+            }
+        }
+        backends
+    }
+}
+
 impl Route {
-    /// Builds a route and, when `health_check` is set, the background service that checks its servers.
+    /// Builds a route and, when health checks or lookups are to be repeated, the background
+    /// service that does them.
     fn build(
         config: &RouteConfig,
         health_check: Option<Duration>,
+        resolve: Option<Duration>,
+        lookup: Arc<Lookup>,
     ) -> anyhow::Result<(
         Route,
         Option<GenBackgroundService<LoadBalancer<RoundRobin>>>,
@@ -139,46 +244,58 @@ impl Route {
             }
             None => None,
         };
-        let mut peers = HashMap::new();
-        for server in &config.servers {
-            let resolved = server
-                .address()
-                .to_socket_addrs()
-                .with_context(|| format!("cannot resolve the upstream {server}"))?;
-            for addr in resolved {
-                peers.insert(addr, configured_peer(addr, server, config, ca.as_ref()));
+        let peer = {
+            let (route, ca) = (config.clone(), ca.clone());
+            Box::new(move |addr, server: &Upstream| {
+                configured_peer(addr, server, &route, ca.as_ref())
+            })
+        };
+        let resolver = Arc::new(Resolver::new(&config.servers, peer, lookup)?);
+        let resolve = resolve.filter(|_| resolver.has_names());
+        let initial = {
+            let last = resolver.last.lock().unwrap_or_else(|p| p.into_inner());
+            resolver.backends(&last)
+        };
+        let mut servers = LoadBalancer::<RoundRobin>::from_backends(Backends::new(Box::new(
+            StaticThenResolver {
+                initial: std::sync::Mutex::new(Some(initial)),
+                resolver,
+            },
+        )));
+        // The first discovery hands over the addresses resolved above: it never waits, so one poll
+        // completes it (no runtime needed, inside one or not).
+        {
+            let update = std::pin::pin!(servers.update());
+            match update.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+                std::task::Poll::Ready(done) => done.context("cannot build the upstream list")?,
+                std::task::Poll::Pending => {
+                    anyhow::bail!("building the upstream list did not complete")
+                }
             }
         }
-        if peers.is_empty() {
-            anyhow::bail!(
-                "the upstreams of route {} resolve to no address",
-                config.prefix
-            );
+        servers.update_frequency = resolve;
+        if let Some(every) = health_check {
+            // A plain TCP connect, also for https:// servers: the question is only whether the
+            // server accepts connections (certificate problems show up as 502 on requests).
+            let mut check = TcpHealthCheck::new();
+            check.peer_template.options.connection_timeout = Some(config.connect_timeout);
+            servers.set_health_check(check);
+            servers.health_check_frequency = Some(every);
         }
-        let mut servers = LoadBalancer::<RoundRobin>::try_from_iter(peers.keys().copied())
-            .context("cannot build the upstream list")?;
-        let (servers, service) = match health_check {
-            Some(every) => {
-                // A plain TCP connect, also for https:// servers: the question is only whether the
-                // server accepts connections (certificate problems show up as 502 on requests).
-                let mut check = TcpHealthCheck::new();
-                check.peer_template.options.connection_timeout = Some(config.connect_timeout);
-                servers.set_health_check(check);
-                servers.health_check_frequency = Some(every);
-                let name = match &config.host {
-                    Some(host) => format!("health check {host}{}", config.prefix),
-                    None => format!("health check {}", config.prefix),
-                };
-                let service = background_service(&name, servers);
-                (service.task(), Some(service))
-            }
-            None => (Arc::new(servers), None),
+        let (servers, service) = if health_check.is_some() || resolve.is_some() {
+            let name = match &config.host {
+                Some(host) => format!("upstreams {host}{}", config.prefix),
+                None => format!("upstreams {}", config.prefix),
+            };
+            let service = background_service(&name, servers);
+            (service.task(), Some(service))
+        } else {
+            (Arc::new(servers), None)
         };
         let route = Route {
             prefix: config.prefix.clone(),
             host: config.host.clone(),
             servers,
-            peers,
             connect_timeout: config.connect_timeout,
             read_timeout: config.read_timeout,
             policy: config.policy.clone(),
@@ -195,22 +312,45 @@ impl Route {
             // servers back before it noticed). A dead one answers 502 as it would without checks.
             .or_else(|| self.servers.select_with(b"", 256, |_, _| true))
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no upstream available"))?;
-        self.peer_for(&backend)
+        backend.ext.get::<HttpPeer>().cloned().ok_or_else(|| {
+            // Every backend is made with its peer (Resolver::backends).
+            Error::explain(
+                ErrorType::ConnectNoRoute,
+                format!("no peer for upstream {}", backend.addr),
+            )
+        })
     }
+}
 
-    fn peer_for(&self, backend: &Backend) -> Result<HttpPeer> {
-        backend
-            .addr
-            .as_inet()
-            .and_then(|addr| self.peers.get(addr))
-            .cloned()
-            // The balancer only holds the addresses the peers were built for.
-            .ok_or_else(|| {
-                Error::explain(
-                    ErrorType::ConnectNoRoute,
-                    format!("no upstream configured for {}", backend.addr),
-                )
-            })
+/// The resolver's discovery, answering the first call with the addresses found at start (so that
+/// the route is complete before the server runs, without a lookup in an executor that has no
+/// blocking pool), and looking up from then on.
+struct StaticThenResolver {
+    initial: std::sync::Mutex<Option<BTreeSet<Backend>>>,
+    resolver: Arc<Resolver>,
+}
+
+#[async_trait::async_trait]
+impl ServiceDiscovery for StaticThenResolver {
+    async fn discover(&self) -> Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
+        let initial = self
+            .initial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match initial {
+            Some(backends) => Ok((backends, HashMap::new())),
+            None => {
+                // getaddrinfo blocks: off the runtime's workers.
+                let resolver = self.resolver.clone();
+                let backends = tokio::task::spawn_blocking(move || resolver.refresh())
+                    .await
+                    .map_err(|e| {
+                        Error::explain(ErrorType::InternalError, format!("lookup task: {e}"))
+                    })?;
+                Ok((backends, HashMap::new()))
+            }
+        }
     }
 }
 
@@ -242,9 +382,9 @@ fn configured_peer(
 }
 
 impl Upstreams {
-    /// The default route (`[upstream]`, `[policy]`) and every `[[route]]`, with the health-check
-    /// services to run (none when `upstream.health_check_interval_ms = 0`). Resolves host names
-    /// once, now (blocking).
+    /// The default route (`[upstream]`, `[policy]`) and every `[[route]]`, with the background
+    /// services that health-check them and look their host names up again (none when neither is
+    /// configured). Resolves host names now (blocking): a name that does not resolve is an error.
     pub fn new(config: &Config) -> anyhow::Result<(Upstreams, HealthChecks)> {
         let default = RouteConfig {
             prefix: "/".to_owned(),
@@ -256,10 +396,12 @@ impl Upstreams {
             policy: config.policy.clone(),
         };
         let every = config.upstream.health_check_interval;
+        let resolve = config.upstream.resolve_interval;
+        let lookup: Arc<Lookup> = Arc::new(system_lookup);
         let mut routes = Vec::with_capacity(config.routes.len() + 1);
         let mut checks = Vec::new();
         for route in std::iter::once(&default).chain(&config.routes) {
-            let (route, check) = Route::build(route, every)?;
+            let (route, check) = Route::build(route, every, resolve, lookup.clone())?;
             routes.push(route);
             checks.extend(check);
         }
@@ -498,5 +640,116 @@ mod tests {
         let config = Config::from_toml(text, "t.toml").unwrap();
         let (_, checks) = Upstreams::new(&config).unwrap();
         assert_eq!(checks.len(), 2);
+    }
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::*;
+    use pingora::upstreams::peer::Peer;
+    use std::sync::Mutex;
+
+    /// A lookup whose answers the test sets, counting its calls.
+    struct FakeDns {
+        answer: Mutex<std::io::Result<Vec<SocketAddr>>>,
+        calls: Mutex<usize>,
+    }
+
+    impl FakeDns {
+        fn set(&self, answer: std::io::Result<Vec<SocketAddr>>) {
+            *self.answer.lock().unwrap() = answer;
+        }
+
+        fn lookup(self: &Arc<Self>) -> Arc<Lookup> {
+            let dns = self.clone();
+            Arc::new(move |_: &str| {
+                *dns.calls.lock().unwrap() += 1;
+                match &*dns.answer.lock().unwrap() {
+                    Ok(addrs) => Ok(addrs.clone()),
+                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                }
+            })
+        }
+    }
+
+    impl Default for FakeDns {
+        fn default() -> Self {
+            FakeDns {
+                answer: Mutex::new(Ok(vec![])),
+                calls: Mutex::new(0),
+            }
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn route(host: &str) -> RouteConfig {
+        RouteConfig {
+            prefix: "/".into(),
+            host: None,
+            servers: vec![Upstream {
+                host: host.into(),
+                port: 3000,
+                tls: false,
+            }],
+            connect_timeout: Duration::from_millis(100),
+            read_timeout: Duration::from_millis(100),
+            ca_file: None,
+            policy: PolicyConfig::default(),
+        }
+    }
+
+    fn peer_addr(route: &Route) -> String {
+        route.peer().unwrap().address().to_string()
+    }
+
+    #[tokio::test]
+    async fn a_name_is_looked_up_again_and_a_failed_lookup_keeps_the_last_addresses() {
+        let dns = Arc::new(FakeDns::default());
+        dns.set(Ok(vec![addr("10.0.0.1:3000")]));
+        let (route, service) = Route::build(
+            &route("backend.test"),
+            None,
+            Some(Duration::from_secs(5)),
+            dns.lookup(),
+        )
+        .unwrap();
+        assert!(service.is_some(), "a name gets a refresh service");
+        assert_eq!(peer_addr(&route), "10.0.0.1:3000");
+
+        // The backend came back elsewhere: the next refresh (what the service runs) moves there.
+        dns.set(Ok(vec![addr("10.0.0.2:3000")]));
+        route.servers.update().await.unwrap();
+        assert_eq!(peer_addr(&route), "10.0.0.2:3000");
+
+        // A failed or empty lookup keeps the addresses found before.
+        dns.set(Err(std::io::Error::other("SERVFAIL")));
+        route.servers.update().await.unwrap();
+        assert_eq!(peer_addr(&route), "10.0.0.2:3000");
+        dns.set(Ok(vec![]));
+        route.servers.update().await.unwrap();
+        assert_eq!(peer_addr(&route), "10.0.0.2:3000");
+    }
+
+    #[test]
+    fn an_ip_address_is_never_looked_up_again_and_a_name_that_does_not_resolve_is_an_error() {
+        let dns = Arc::new(FakeDns::default());
+        dns.set(Ok(vec![addr("127.0.0.1:3000")]));
+        let (_, service) = Route::build(
+            &route("127.0.0.1"),
+            None,
+            Some(Duration::from_secs(5)),
+            dns.lookup(),
+        )
+        .unwrap();
+        assert!(service.is_none(), "nothing to refresh");
+
+        dns.set(Err(std::io::Error::other("NXDOMAIN")));
+        let e = Route::build(&route("missing.test"), None, None, dns.lookup())
+            .err()
+            .expect("an error");
+        assert!(format!("{e:#}").contains("missing.test:3000"), "{e:#}");
     }
 }
