@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Runs docker-compose.yml on this machine's Docker engine and checks it end to end:
 #
-#   1. the release binaries are built on the host (cargo build --release --locked --bins), and so is
-#      the compose torture test (tests/compose.rs);
-#   2. images are made without any registry: root filesystems holding the host's binaries and the
-#      shared libraries they link (ldd), /etc/passwd, bash for the healthcheck (etag-gateway:local),
-#      and the host's redis-server and redis-cli (etag-redis:local), turned into images with
-#      `docker import`. docker-compose.local.yml points the services at them. (The Dockerfile and
-#      redis:7 need a registry to pull their base images from; this machine has none.)
+#   1. the binaries are built on the host, and so is the compose torture test (tests/compose.rs):
+#      ETAG_COMPOSE_PROFILE=debug (the default; what ./scripts/test.sh runs) takes target/debug, built by
+#      `cargo test --no-run --test compose` with the same profile and features as the test suite's
+#      `cargo build --all-targets`, so after it nothing is rebuilt; ETAG_COMPOSE_PROFILE=release takes
+#      target/release (`cargo build --release --bins`, what the Dockerfile ships; a few minutes more);
+#   2. images are made without any registry: root filesystems holding the host's binaries (debug info
+#      stripped, as in the Dockerfile) and the shared libraries they link (ldd), /etc/passwd, bash for
+#      the healthcheck (etag-gateway:local), and the host's redis-server and redis-cli
+#      (etag-redis:local), turned into images with `docker import`, again only when their content
+#      changed. docker-compose.local.yml points the services at them. (The Dockerfile and redis:7 need
+#      a registry to pull their base images from; this machine has none.)
 #   3. `up -d`: demo backend + gateway; waits until both are healthy (their own healthchecks);
 #   4. the README's seed session through the gateway's published port: PUT, GET etag, PUT with the
 #      unquoted etag -> 2xx, PUT with the old etag -> 409 with the seed's exact body, and the backend
@@ -20,16 +24,31 @@
 #   7. `down -v`, always (trap).
 #
 # Project name etagtest; host ports on 127.0.0.1 only, chosen free at each run. No Docker engine:
-# prints "SKIP: no Docker engine" and exits 0. ETAG_COMPOSE_LOAD_MS sets the torture's length (3000);
-# ETAG_COMPOSE_PREBUILT=1 skips the cargo builds (uses target/release and the test as they are).
+# prints "SKIP: no Docker engine" and exits 0 (an engine this user may not use, or no compose tool,
+# is a failure, not a skip). ETAG_COMPOSE_LOAD_MS sets the torture's length (3000);
+# ETAG_COMPOSE_PREBUILT=1 skips the cargo builds (uses target/<profile> and the test as they are).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
 step() { printf '\n== [%3ds] %s\n' $((SECONDS - t0)) "$*"; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
-if ! docker info >/dev/null 2>&1; then
+profile=${ETAG_COMPOSE_PROFILE:-debug}
+case $profile in
+  debug | release) ;;
+  *) fail "ETAG_COMPOSE_PROFILE is debug or release, not '$profile'" ;;
+esac
+
+if ! info=$(docker info 2>&1); then
+  # Why: the first line naming an error (newer clients print it amid the client's own section).
+  why=$(printf '%s\n' "$info" | grep -iE -m 1 'error|cannot|denied|not found|no such' || true)
+  why=${why:-$(printf '%s\n' "$info" | grep -v '^\s*$' | tail -n 1)}
+  # An engine that runs but refuses this user is not "no engine": say so instead of skipping.
+  if printf '%s' "$info" | grep -qi 'permission denied'; then
+    fail "a Docker engine runs but this user may not use it: $(printf '%s' "$info" | grep -i -m 1 'permission denied')"
+  fi
   echo "SKIP: no Docker engine"
+  echo "  (docker info: ${why:-failed})"
   exit 0
 fi
 if command -v docker-compose >/dev/null 2>&1; then
@@ -37,28 +56,39 @@ if command -v docker-compose >/dev/null 2>&1; then
 elif docker compose version >/dev/null 2>&1; then
   compose=(docker compose)
 else
-  echo "SKIP: neither docker-compose nor docker compose is installed"
-  exit 0
+  fail "a Docker engine runs, but neither docker-compose nor docker compose is installed (./scripts/setup.sh installs docker-compose)"
 fi
 project=etagtest
 dc() { "${compose[@]}" -p "$project" -f docker-compose.yml -f docker-compose.local.yml "$@"; }
 echo "compose: $("${compose[@]}" version 2>/dev/null | head -n1); engine: $(docker version -f '{{.Server.Version}}')"
 
 # ---- ports -------------------------------------------------------------------------------------
+# Below the kernel's ephemeral range (ip_local_port_range, 32768-60999 by default): a port in it can
+# be taken between this check and docker's bind by any outgoing connection on the machine (a test
+# suite running next to this one), and docker-proxy's bind then fails with "address already in use".
+# The check covers sockets in every state, not only listeners.
+read -r ephemeral_low _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || ephemeral_low=32768
+port_low=10000
+port_span=$((ephemeral_low - port_low))
+[ "$port_span" -ge 1000 ] || { port_low=1024; port_span=$((ephemeral_low - port_low)); }
+[ "$port_span" -ge 100 ] || fail "ip_local_port_range starts at $ephemeral_low: no room for fixed ports below it"
 taken=" "
+# free_port VAR: sets VAR to a port no socket uses and no other VAR got (not in a subshell, so that
+# $taken keeps what was handed out).
 free_port() {
   local p
   while :; do
-    p=$((20000 + RANDOM % 20000))
+    p=$((port_low + (RANDOM * 32768 + RANDOM) % port_span))
     [[ $taken == *" $p "* ]] && continue
-    [ -z "$(ss -Htln "sport = :$p")" ] || continue
+    [ -z "$(ss -Htan "sport = :$p")" ] || continue
     taken+="$p "
-    echo "$p"
+    printf -v "$1" '%s' "$p"
     return
   done
 }
-ETAG_GATEWAY_PORT=$(free_port); ETAG_ADMIN_PORT=$(free_port); ETAG_BACKEND_PORT=$(free_port)
-ETAG_GATEWAY_A_PORT=$(free_port); ETAG_GATEWAY_B_PORT=$(free_port)
+for v in ETAG_GATEWAY_PORT ETAG_ADMIN_PORT ETAG_BACKEND_PORT ETAG_GATEWAY_A_PORT ETAG_GATEWAY_B_PORT; do
+  free_port "$v"
+done
 export ETAG_GATEWAY_PORT ETAG_ADMIN_PORT ETAG_BACKEND_PORT ETAG_GATEWAY_A_PORT ETAG_GATEWAY_B_PORT
 gateway=http://127.0.0.1:$ETAG_GATEWAY_PORT
 admin=http://127.0.0.1:$ETAG_ADMIN_PORT
@@ -67,13 +97,22 @@ gateway_a=http://127.0.0.1:$ETAG_GATEWAY_A_PORT
 gateway_b=http://127.0.0.1:$ETAG_GATEWAY_B_PORT
 
 # ---- binaries ----------------------------------------------------------------------------------
+bin=target/$profile
 if [ -n "${ETAG_COMPOSE_PREBUILT:-}" ]; then
-  step "ETAG_COMPOSE_PREBUILT: using target/release as it is"
-else
+  step "ETAG_COMPOSE_PREBUILT: using $bin as it is"
+elif [ "$profile" = release ]; then
   step "cargo build --release --locked --bins; cargo test --no-run --test compose"
   cargo build --release --locked --bins
   cargo test --locked --test compose --no-run 2>&1 | tail -n 2
+else
+  # Builds the bins too (integration tests need them), with the dev-dependencies' features like the
+  # test suite's build: `cargo build --bins` alone would resolve other features and rebuild.
+  step "cargo test --no-run --test compose (debug binaries in $bin)"
+  cargo test --locked --test compose --no-run
 fi
+for b in etag-gateway demo-backend; do
+  [ -x "$bin/$b" ] || fail "$bin/$b is missing"
+done
 
 # ---- images from local root filesystems --------------------------------------------------------
 work=$(mktemp -d -t etag-compose.XXXXXX)
@@ -145,12 +184,13 @@ import() {
   [ -n "$old" ] && docker rmi "$old" >/dev/null 2>&1 || true
 }
 
-step "images: etag-gateway:local, etag-redis:local (docker import of local root filesystems)"
+step "images: etag-gateway:local ($profile binaries), etag-redis:local (docker import of local root filesystems)"
 g=$work/gateway
 rootfs "$g"
-install_bin "$g" target/release/etag-gateway /usr/local/bin/etag-gateway
-install_bin "$g" target/release/demo-backend /usr/local/bin/demo-backend
-# The Rust binaries carry debug info (profile.release debug = 1); the Dockerfile drops it too.
+install_bin "$g" "$bin/etag-gateway" /usr/local/bin/etag-gateway
+install_bin "$g" "$bin/demo-backend" /usr/local/bin/demo-backend
+# The Rust binaries carry debug info (profile.release debug = 1, and all of it in a debug build); the
+# Dockerfile drops it too.
 objcopy --strip-debug "$g/usr/local/bin/etag-gateway"
 objcopy --strip-debug "$g/usr/local/bin/demo-backend"
 install_bin "$g" "$(command -v bash)" /usr/bin/bash
