@@ -72,7 +72,7 @@ fn init_logging(json: bool) {
 fn run(config: Config, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
     tracing::info!("starting: {}", config.summary());
 
-    let (upstreams, health_checks) = Upstreams::new(&config)?;
+    let (upstreams, upstream_services) = Upstreams::new(&config)?;
     let settings = GatewaySettings {
         unknown_outcome_hold: config.upstream.timeout_hold,
         access_log: config.log.access,
@@ -185,8 +185,8 @@ fn run(config: Config, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
         tracing::info!(listen = ?tls.listen, cert = %cert, "https listener");
     }
     server.add_service(proxy);
-    for check in health_checks {
-        server.add_service(check);
+    for service in upstream_services {
+        server.add_service(service);
     }
     if let Some(addr) = config.admin.listen {
         let app = AdminApp::new(admin_store, config.admin.token.clone());

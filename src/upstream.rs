@@ -39,8 +39,9 @@ const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RouteId(usize);
 
-/// The health-check services of the routes' server lists, to be added to the Pingora server.
-pub type HealthChecks = Vec<GenBackgroundService<LoadBalancer<RoundRobin>>>;
+/// The background services of the routes' server lists (health checks, lookups), to be added to
+/// the Pingora server.
+pub type UpstreamServices = Vec<GenBackgroundService<LoadBalancer<RoundRobin>>>;
 
 /// One route: where its requests go and under which policy.
 pub struct Route {
@@ -122,6 +123,9 @@ pub fn request_host(req: &RequestHeader) -> Option<String> {
 /// Looks a host name up (blocking): `host:port` to its addresses.
 type Lookup = dyn Fn(&str) -> std::io::Result<Vec<SocketAddr>> + Send + Sync;
 
+/// Builds the configured peer of a server at one of its addresses.
+type MakePeer = dyn Fn(SocketAddr, &Upstream) -> HttpPeer + Send + Sync;
+
 fn system_lookup(address: &str) -> std::io::Result<Vec<SocketAddr>> {
     address.to_socket_addrs().map(Iterator::collect)
 }
@@ -132,7 +136,7 @@ fn system_lookup(address: &str) -> std::io::Result<Vec<SocketAddr>> {
 struct Resolver {
     servers: Vec<Upstream>,
     /// The peer of a server at an address (the route's timeouts and TLS).
-    peer: Box<dyn Fn(SocketAddr, &Upstream) -> HttpPeer + Send + Sync>,
+    peer: Box<MakePeer>,
     lookup: Arc<Lookup>,
     /// The addresses last found for each server.
     last: std::sync::Mutex<Vec<Vec<SocketAddr>>>,
@@ -142,7 +146,7 @@ impl Resolver {
     /// Resolves every server now; an error names the first that resolves to nothing.
     fn new(
         servers: &[Upstream],
-        peer: Box<dyn Fn(SocketAddr, &Upstream) -> HttpPeer + Send + Sync>,
+        peer: Box<MakePeer>,
         lookup: Arc<Lookup>,
     ) -> anyhow::Result<Resolver> {
         let mut last = Vec::with_capacity(servers.len());
@@ -385,7 +389,7 @@ impl Upstreams {
     /// The default route (`[upstream]`, `[policy]`) and every `[[route]]`, with the background
     /// services that health-check them and look their host names up again (none when neither is
     /// configured). Resolves host names now (blocking): a name that does not resolve is an error.
-    pub fn new(config: &Config) -> anyhow::Result<(Upstreams, HealthChecks)> {
+    pub fn new(config: &Config) -> anyhow::Result<(Upstreams, UpstreamServices)> {
         let default = RouteConfig {
             prefix: "/".to_owned(),
             host: None,
@@ -622,8 +626,8 @@ mod tests {
     #[test]
     fn https_upstreams_verify_with_the_url_host_as_sni() {
         let config = config("[[route]]\nprefix = \"/s\"\nupstream = \"https://localhost:3443\"\n");
-        let (upstreams, checks) = Upstreams::new(&config).unwrap();
-        assert!(checks.is_empty());
+        let (upstreams, services) = Upstreams::new(&config).unwrap();
+        assert_eq!(services.len(), 1, "the name localhost is looked up again");
         let id = upstreams.route_for(None, &ResourceKey::from_path("/s"));
         let peer = upstreams.peer(id).unwrap();
         assert_eq!(peer.sni, "localhost");
@@ -745,6 +749,7 @@ mod resolve_tests {
         )
         .unwrap();
         assert!(service.is_none(), "nothing to refresh");
+        assert_eq!(*dns.calls.lock().unwrap(), 1, "looked up once, at start");
 
         dns.set(Err(std::io::Error::other("NXDOMAIN")));
         let e = Route::build(&route("missing.test"), None, None, dns.lookup())
