@@ -24,6 +24,13 @@ const UUID_LEN: usize = 36;
 const HEADER_VALUE_MAX: usize = 2 + 20 + 1 + UUID_LEN;
 
 impl Etag {
+    /// The nil UUID in epoch 0: never issued (a fresh etag is a v4 UUID, whose version bits are set),
+    /// so the table may use it to stand for "no etag" inside its entries.
+    pub(crate) const NIL: Etag = Etag {
+        epoch: 0,
+        id: Uuid::nil(),
+    };
+
     /// A fresh etag that nobody holds yet.
     pub fn fresh() -> Etag {
         Etag::fresh_in(0)

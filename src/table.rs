@@ -39,11 +39,31 @@ impl BackendValidator {
     }
 }
 
+/// An `Option<Etag>` in 24 bytes instead of 32 (an entry is the table's memory per resource):
+/// "none" is the nil UUID of epoch 0, which the gateway never issues (a v4 UUID has its version bits
+/// set). Read only through [`PackedEtag::get`], so that the stand-in is never compared with an etag
+/// a client sent (a client may well send the nil UUID): it reads as `None`, which matches nothing.
+#[derive(Debug, Clone, Copy)]
+struct PackedEtag(Etag);
+
+impl PackedEtag {
+    const NONE: PackedEtag = PackedEtag(Etag::NIL);
+
+    fn new(etag: Option<Etag>) -> PackedEtag {
+        // A nil etag (only from a hand-made snapshot) is stored as none: unknown, never a match.
+        etag.map_or(PackedEtag::NONE, PackedEtag)
+    }
+
+    fn get(self) -> Option<Etag> {
+        (self.0 != Etag::NIL).then_some(self.0)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Entry {
     /// The etag the gateway vouches for; `None`: no state it can name (never read, deleted, unknown
     /// outcome, or a write in flight). Nothing matches `None`.
-    etag: Option<Etag>,
+    etag: PackedEtag,
     /// Changes on every change of the entry; unique across the table's life (taken from one counter),
     /// so a re-created entry never repeats an old version.
     version: u64,
@@ -56,11 +76,26 @@ struct Entry {
 impl Entry {
     fn new(version: u64) -> Entry {
         Entry {
-            etag: None,
+            etag: PackedEtag::NONE,
             version,
             writes_in_flight: 0,
             backend: None,
         }
+    }
+
+    fn etag(&self) -> Option<Etag> {
+        self.etag.get()
+    }
+
+    fn set_etag(&mut self, etag: Option<Etag>) {
+        self.etag = PackedEtag::new(etag);
+    }
+
+    /// The resource's state changed to one the gateway cannot name: no etag, no backend validator.
+    fn forget_state(&mut self, version: u64) {
+        self.etag = PackedEtag::NONE;
+        self.backend = None;
+        self.version = version;
     }
 
     fn settled(&self) -> bool {
@@ -203,7 +238,11 @@ impl Slot {
 }
 
 pub struct EtagTable {
+    /// Idle entries, most recently used first. Unbounded for the `lru` crate, bounded here
+    /// ([`EtagTable::keep_idle`]): a bounded `LruCache` allocates its hash map for the whole capacity
+    /// up front (71 MB at 2M before the first entry); this one grows with the table.
     idle: LruCache<Slot, Entry>,
+    capacity: usize,
     busy: HashMap<Slot, Entry>,
     last_version: u64,
 }
@@ -211,18 +250,20 @@ pub struct EtagTable {
 impl EtagTable {
     pub fn new(capacity: NonZeroUsize) -> EtagTable {
         EtagTable {
-            idle: LruCache::new(capacity),
+            idle: LruCache::unbounded(),
+            capacity: capacity.get(),
             busy: HashMap::new(),
             last_version: 0,
         }
     }
 
-    /// Puts an idle entry in the LRU; the least recently used one goes if the table is full.
-    fn keep_idle(&mut self, key: Slot, entry: Entry) {
-        if let Some((evicted, _)) = self.idle.push(key, entry) {
-            if evicted != key {
-                crate::metrics::Metrics::get().table_evictions.inc();
-            }
+    /// Puts an idle entry in the LRU (most recently used); the least recently used one goes if the
+    /// table is full. The new entry is never the one to go (the capacity is at least 1).
+    fn keep_idle(&mut self, slot: Slot, entry: Entry) {
+        self.idle.push(slot, entry);
+        while self.idle.len() > self.capacity {
+            self.idle.pop_lru();
+            crate::metrics::Metrics::get().table_evictions.inc();
         }
     }
 
@@ -247,19 +288,18 @@ impl EtagTable {
 
     /// The etag the table vouches for now, without touching recency.
     pub fn current(&self, key: &ResourceKey) -> Option<Etag> {
-        self.peek(key).and_then(|e| e.etag)
+        self.peek(Slot::of(key)).and_then(Entry::etag)
     }
 
-    fn peek(&self, key: &ResourceKey) -> Option<&Entry> {
-        self.busy
-            .get(&Slot::of(key))
-            .or_else(|| self.idle.peek(&Slot::of(key)))
+    // The steps below take a key's slot once (two SipHash runs over the path) and pass it on.
+    fn peek(&self, slot: Slot) -> Option<&Entry> {
+        self.busy.get(&slot).or_else(|| self.idle.peek(&slot))
     }
 
-    fn peek_mut(&mut self, key: &ResourceKey) -> Option<&mut Entry> {
-        match self.busy.get_mut(&Slot::of(key)) {
+    fn peek_mut(&mut self, slot: Slot) -> Option<&mut Entry> {
+        match self.busy.get_mut(&slot) {
             Some(e) => Some(e),
-            None => self.idle.peek_mut(&Slot::of(key)),
+            None => self.idle.peek_mut(&slot),
         }
     }
 
@@ -270,21 +310,19 @@ impl EtagTable {
         key: &ResourceKey,
         if_none_match: Option<&IfNoneMatch>,
     ) -> ReadStart {
-        if self.peek(key).is_none() {
+        let slot = Slot::of(key);
+        // `get` promotes an idle entry in the LRU: reads keep resources alive.
+        if !self.busy.contains_key(&slot) && self.idle.get(&slot).is_none() {
             let version = self.next_version();
-            self.keep_idle(Slot::of(key), Entry::new(version));
+            self.keep_idle(slot, Entry::new(version));
         }
-        let entry = match self.busy.get(&Slot::of(key)) {
-            Some(e) => e,
-            // promotes the entry in the LRU: reads keep resources alive
-            None => self.idle.get(&Slot::of(key)).expect("inserted above"),
-        };
+        let entry = self.peek(slot).expect("inserted above");
         plan_read(
             ReadTicket {
                 key: key.clone(),
                 version: entry.version,
             },
-            entry.etag,
+            entry.etag(),
             entry.settled(),
             entry.backend(),
             if_none_match,
@@ -297,21 +335,19 @@ impl EtagTable {
     /// rotated first, so the one from before stops matching. A 404/410 is evidence too: the resource
     /// is gone, whatever etag the table held stops matching. Other answers change nothing.
     pub fn finish_read(&mut self, ticket: &ReadTicket, answer: ReadAnswer) -> Option<Etag> {
-        let entry = self.peek(&ticket.key)?;
+        let slot = Slot::of(&ticket.key);
+        let entry = self.peek(slot)?;
         let untouched = entry.version == ticket.version && entry.settled();
         let validator = match answer {
             ReadAnswer::Found(validator) if untouched => validator,
-            ReadAnswer::Gone if untouched && entry.etag.is_some() => {
+            ReadAnswer::Gone if untouched && entry.etag().is_some() => {
                 let version = self.next_version();
-                let entry = self.peek_mut(&ticket.key)?;
-                entry.etag = None;
-                entry.backend = None;
-                entry.version = version;
+                self.peek_mut(slot)?.forget_state(version);
                 return None;
             }
             // Non-2xx answers create no entry: drop the placeholder this read made.
-            ReadAnswer::Gone | ReadAnswer::Failed if untouched && entry.etag.is_none() => {
-                self.idle.pop(&Slot::of(&ticket.key));
+            ReadAnswer::Gone | ReadAnswer::Failed if untouched && entry.etag().is_none() => {
+                self.idle.pop(&slot);
                 return None;
             }
             _ => return None,
@@ -319,24 +355,26 @@ impl EtagTable {
         let changed_behind =
             !entry.backend().is_empty() && !validator.is_empty() && *entry.backend() != validator;
         let version = self.next_version();
-        let entry = self.peek_mut(&ticket.key)?;
+        let entry = self.peek_mut(slot)?;
         if changed_behind {
-            entry.etag = Some(Etag::fresh());
+            entry.set_etag(Some(Etag::fresh()));
             entry.version = version;
         }
         if !validator.is_empty() {
             entry.set_backend(validator);
         }
         // Concurrent readers of one unchanged state share the etag: naming it changes no version.
-        Some(*entry.etag.get_or_insert_with(Etag::fresh))
+        let etag = entry.etag().unwrap_or_else(Etag::fresh);
+        entry.set_etag(Some(etag));
+        Some(etag)
     }
 
     /// Evaluates `If-Match` for a request that changes nothing (GET, HEAD): true only if it names the
     /// current state and no write is in flight.
     pub fn check(&self, key: &ResourceKey, precondition: &IfMatch) -> Result<(), Refusal> {
-        let entry = self.peek(key);
+        let entry = self.peek(Slot::of(key));
         let settled = entry.is_some_and(Entry::settled);
-        let current = entry.and_then(|e| e.etag);
+        let current = entry.and_then(Entry::etag);
         if settled && precondition.is_satisfied_by(current.as_ref()) {
             Ok(())
         } else {
@@ -356,8 +394,9 @@ impl EtagTable {
             etag: None,
             last_modified: None,
         };
-        let (current, settled, backend) = match self.peek(key) {
-            Some(e) => (e.etag, e.settled(), e.backend()),
+        let slot = Slot::of(key);
+        let (current, settled, backend) = match self.peek(slot) {
+            Some(e) => (e.etag(), e.settled(), e.backend()),
             None => (None, true, &UNKNOWN),
         };
         let refuse = Err(Refusal { current });
@@ -389,14 +428,15 @@ impl EtagTable {
         let backend_precondition = (named_state && !backend.is_empty()).then(|| backend.clone());
 
         let version = self.next_version();
-        let mut entry = match self.busy.remove(&Slot::of(key)) {
+        let mut entry = match self.busy.remove(&slot) {
             Some(e) => e,
-            None => self.idle.pop(&Slot::of(key)).unwrap_or(Entry::new(version)),
+            None => self.idle.pop(&slot).unwrap_or(Entry::new(version)),
         };
-        let etag_before = entry.etag.take();
+        let etag_before = entry.etag();
+        entry.set_etag(None);
         entry.version = version;
         entry.writes_in_flight += 1;
-        self.busy.insert(Slot::of(key), entry);
+        self.busy.insert(slot, entry);
         Ok(Reservation {
             ticket: WriteTicket {
                 key: key.clone(),
@@ -420,7 +460,8 @@ impl EtagTable {
         validator: BackendValidator,
     ) -> Option<Etag> {
         let version = self.next_version();
-        let Some(entry) = self.busy.get_mut(&Slot::of(&ticket.key)) else {
+        let slot = Slot::of(&ticket.key);
+        let Some(entry) = self.busy.get_mut(&slot) else {
             // Unreachable while tickets are settled once; refusing to guess is the safe answer.
             debug_assert!(false, "settling a write that is not in flight");
             return None;
@@ -429,12 +470,12 @@ impl EtagTable {
         let alone = entry.version == ticket.version;
         let handed_out = match outcome {
             WriteOutcome::Applied(new) if alone => {
-                entry.etag = Some(new);
+                entry.set_etag(Some(new));
                 entry.set_backend(validator);
                 Some(new)
             }
             WriteOutcome::NotApplied if alone => {
-                entry.etag = ticket.etag_before;
+                entry.set_etag(ticket.etag_before);
                 None
             }
             // Another change overlapped: the write that did not happen leaves the other's result alone.
@@ -445,15 +486,15 @@ impl EtagTable {
             | WriteOutcome::AppliedUnnamed
             | WriteOutcome::Unknown
             | WriteOutcome::ChangedBehind => {
-                entry.etag = None;
+                entry.set_etag(None);
                 entry.backend = None;
                 None
             }
         };
         entry.version = version;
         if entry.settled() {
-            if let Some(entry) = self.busy.remove(&Slot::of(&ticket.key)) {
-                self.keep_idle(Slot::of(&ticket.key), entry);
+            if let Some(entry) = self.busy.remove(&slot) {
+                self.keep_idle(slot, entry);
             }
         }
         if !matches!(
@@ -473,15 +514,16 @@ impl EtagTable {
         validator: BackendValidator,
     ) -> Option<Etag> {
         let version = self.next_version();
-        if self.busy.contains_key(&Slot::of(key)) {
+        let slot = Slot::of(key);
+        if self.busy.contains_key(&slot) {
             return None;
         }
         let etag = Etag::fresh();
-        let mut entry = self.idle.pop(&Slot::of(key)).unwrap_or(Entry::new(version));
-        entry.etag = Some(etag);
+        let mut entry = self.idle.pop(&slot).unwrap_or(Entry::new(version));
+        entry.set_etag(Some(etag));
         entry.version = version;
         entry.set_backend(validator);
-        self.keep_idle(Slot::of(key), entry);
+        self.keep_idle(slot, entry);
         Some(etag)
     }
 
@@ -489,11 +531,9 @@ impl EtagTable {
     /// unless something else changed the entry since, it names no state any more.
     pub fn withdraw(&mut self, key: &ResourceKey, etag: Etag) {
         let version = self.next_version();
-        if let Some(entry) = self.peek_mut(key) {
-            if entry.etag == Some(etag) {
-                entry.etag = None;
-                entry.backend = None;
-                entry.version = version;
+        if let Some(entry) = self.peek_mut(Slot::of(key)) {
+            if entry.etag() == Some(etag) {
+                entry.forget_state(version);
             }
         }
     }
@@ -504,7 +544,7 @@ impl EtagTable {
         self.idle
             .iter()
             .rev()
-            .filter_map(|(k, e)| e.etag.map(|etag| (*k, etag, e.backend().clone())))
+            .filter_map(|(k, e)| e.etag().map(|etag| (*k, etag, e.backend().clone())))
             .collect()
     }
 
@@ -514,7 +554,7 @@ impl EtagTable {
         for (key, etag, backend) in entries {
             let version = self.next_version();
             let mut entry = Entry::new(version);
-            entry.etag = Some(etag);
+            entry.set_etag(Some(etag));
             entry.set_backend(backend);
             self.keep_idle(key, entry);
         }
@@ -560,8 +600,8 @@ impl EtagTable {
 
     /// What the table holds for a resource (admin API).
     pub fn describe(&self, key: &ResourceKey) -> Option<EntryState> {
-        self.peek(key).map(|e| EntryState {
-            etag: e.etag,
+        self.peek(Slot::of(key)).map(|e| EntryState {
+            etag: e.etag(),
             writes_in_flight: e.writes_in_flight,
             backend: e.backend().clone(),
         })
@@ -571,10 +611,8 @@ impl EtagTable {
     /// state with a fresh one.
     pub fn invalidate(&mut self, key: &ResourceKey) {
         let version = self.next_version();
-        if let Some(entry) = self.peek_mut(key) {
-            entry.etag = None;
-            entry.backend = None;
-            entry.version = version;
+        if let Some(entry) = self.peek_mut(Slot::of(key)) {
+            entry.forget_state(version);
         }
     }
 
@@ -584,10 +622,8 @@ impl EtagTable {
         let mut ancestor = member.parent();
         while let Some(key) = ancestor {
             let version = self.next_version();
-            if let Some(entry) = self.peek_mut(&key) {
-                entry.etag = None;
-                entry.backend = None;
-                entry.version = version;
+            if let Some(entry) = self.peek_mut(Slot::of(&key)) {
+                entry.forget_state(version);
             }
             ancestor = key.parent();
         }
@@ -1156,12 +1192,52 @@ mod tests {
     #[test]
     fn an_entry_stays_small() {
         // Memory per resource is the table's cost at scale (see BENCHMARKS.md): key 16 bytes, entry
-        // at most 64, plus the LRU's two pointers and the hash table's slot.
+        // 48, the LRU's two pointers: an 80-byte node (an allocator size class), plus the hash
+        // table's slot.
         assert_eq!(std::mem::size_of::<Slot>(), 16);
         assert!(
-            std::mem::size_of::<Entry>() <= 64,
+            std::mem::size_of::<Entry>() <= 48,
             "{}",
             std::mem::size_of::<Entry>()
+        );
+    }
+
+    #[test]
+    fn the_nil_etag_a_client_sends_matches_nothing() {
+        // Inside an entry, the nil UUID stands for "no etag": it must read as none, never as a match.
+        let nil = Etag::parse("00000000-0000-0000-0000-000000000000").unwrap();
+        let mut t = table(10);
+        let k = key("/a");
+        let r = begin(&mut t, &k); // a placeholder entry, no etag yet
+        assert_eq!(t.current(&k), None);
+        assert_eq!(write(&mut t, &k, Some(nil)), Err(Refusal { current: None }));
+        assert!(t.check(&k, &if_match(nil)).is_err());
+        assert_eq!(t.describe(&k).unwrap().etag, None);
+        let e = t.finish_read(&r, ReadAnswer::Found(none())).unwrap();
+        assert_ne!(e, nil);
+        assert!(write(&mut t, &k, Some(nil)).is_err());
+        // a nil etag put in an entry (a hand-made snapshot) is no etag
+        let mut fresh = table(10);
+        fresh.import([(Slot::of(&k), nil, none())]);
+        assert_eq!(fresh.current(&k), None);
+        assert!(write(&mut fresh, &k, Some(nil)).is_err());
+    }
+
+    #[test]
+    fn the_least_recently_used_idle_entry_is_evicted_first() {
+        let mut t = table(3);
+        let keys: Vec<ResourceKey> = (0..4).map(|i| key(&format!("/e{i}"))).collect();
+        let etags: Vec<Etag> = keys[..3].iter().map(|k| read(&mut t, k).unwrap()).collect();
+        // /e0 is read again: /e1 is now the least recently used
+        assert_eq!(read(&mut t, &keys[0]), Some(etags[0]));
+        read(&mut t, &keys[3]);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.current(&keys[1]), None, "evicted");
+        assert_eq!(t.current(&keys[0]), Some(etags[0]));
+        assert_eq!(t.current(&keys[2]), Some(etags[2]));
+        assert_eq!(
+            write(&mut t, &keys[1], Some(etags[1])),
+            Err(Refusal { current: None })
         );
     }
 }
