@@ -574,9 +574,7 @@ impl EtagTable {
             .pop(&slot)
             .or_else(|| self.busy.remove(&slot))
             .unwrap_or_else(|| Entry::new(version));
-        entry.etag = None;
-        entry.backend = None;
-        entry.version = version;
+        entry.forget_state(version);
         entry.writes_in_flight += 1;
         self.busy.insert(slot, entry);
     }
@@ -588,9 +586,7 @@ impl EtagTable {
             return;
         };
         entry.writes_in_flight = entry.writes_in_flight.saturating_sub(1);
-        entry.etag = None;
-        entry.backend = None;
-        entry.version = version;
+        entry.forget_state(version);
         if entry.settled() {
             if let Some(entry) = self.busy.remove(&slot) {
                 self.keep_idle(slot, entry);
