@@ -276,6 +276,39 @@ fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     done()
 }
 
+/// Kills, when dropped, every pid the test noted in this file (one per line), and the one in
+/// `gateway.pid` beside it (a daemon the test has not noted yet).
+struct KillDaemons(std::path::PathBuf);
+
+impl KillDaemons {
+    fn note(path: &std::path::Path, pid: u32) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        writeln!(f, "{pid}").unwrap();
+    }
+}
+
+impl Drop for KillDaemons {
+    fn drop(&mut self) {
+        let mut pids = std::fs::read_to_string(&self.0).unwrap_or_default();
+        pids.push('\n');
+        pids.push_str(
+            &std::fs::read_to_string(self.0.with_file_name("gateway.pid")).unwrap_or_default(),
+        );
+        for pid in pids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            if alive(pid) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
 fn read_pid(path: &std::path::Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -323,6 +356,8 @@ async fn daemon_mode_upgrade_the_way_the_systemd_unit_reloads() {
             .expect("run etag-gateway")
     };
     let log = || std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    // Daemons are not this test's children: whatever happens, kill every one it started.
+    let _daemons = KillDaemons(dir.join("pids"));
 
     // ExecStart: returns once forked.
     let started = gateway(&["--daemon"]);
@@ -334,6 +369,7 @@ async fn daemon_mode_upgrade_the_way_the_systemd_unit_reloads() {
         log()
     );
     let old_pid = read_pid(&pid_file).unwrap();
+    KillDaemons::note(&dir.join("pids"), old_pid);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     assert!(
         wait_until(Duration::from_secs(20), || {
@@ -366,6 +402,7 @@ async fn daemon_mode_upgrade_the_way_the_systemd_unit_reloads() {
         log()
     );
     let new_pid = read_pid(&pid_file).unwrap();
+    KillDaemons::note(&dir.join("pids"), new_pid);
     assert!(alive(new_pid), "{}", log());
 
     // The etag issued by the old daemon is current in the new one.
