@@ -56,6 +56,38 @@ async fn put_behind_the_gateway(c: &Client, backend: &DemoBackend, path: &str, b
 }
 
 /// What the backend holds at `path` and how many writes it applied there.
+/// PUT `body` with `If-Match: "<etag>"`.
+async fn put_if_match(c: &Client, gw: &Gateway, path: &str, etag: &str, body: &str) -> Response {
+    send(
+        c,
+        Method::PUT,
+        &gw.url(),
+        path,
+        &[("If-Match", &quoted(etag))],
+        Some(body),
+    )
+    .await
+}
+
+/// Creates `DOC` ("v1"), reads its etag and updates it ("v2") with that etag: returns the etag that
+/// is stale now, the current one, and the backend's state after the update.
+async fn an_etag_made_stale(
+    c: &Client,
+    gw: &Gateway,
+    backend: &DemoBackend,
+) -> (String, String, ((u16, String), usize)) {
+    put_unconditionally(c, gw, DOC, "v1").await;
+    let (old, _) = read(c, gw, DOC).await;
+    let r = put_if_match(c, gw, DOC, &old, "v2").await;
+    assert!(
+        r.status().is_success(),
+        "PUT with the current etag: {}",
+        r.status()
+    );
+    let current = etag_of(&r).expect("new etag");
+    (old, current, backend_state(backend, DOC).await)
+}
+
 async fn backend_state(backend: &DemoBackend, path: &str) -> ((u16, String), usize) {
     (
         backend_get(&backend.url(), path).await,
@@ -405,34 +437,9 @@ async fn conflict_status_412_answers_412_with_the_seed_body() {
         &["--validators", "none"],
         Some("[policy]\nconflict_status = 412\n"),
     );
-    put_unconditionally(&c, &gw, DOC, "v1").await;
-    let (old, _) = read(&c, &gw, DOC).await;
-    let r = send(
-        &c,
-        Method::PUT,
-        &gw.url(),
-        DOC,
-        &[("If-Match", &quoted(&old))],
-        Some("v2"),
-    )
-    .await;
-    assert!(
-        r.status().is_success(),
-        "PUT with the current etag: {}",
-        r.status()
-    );
-    let current = etag_of(&r).expect("new etag");
-    let before = backend_state(&backend, DOC).await;
+    let (old, current, before) = an_etag_made_stale(&c, &gw, &backend).await;
 
-    let r = send(
-        &c,
-        Method::PUT,
-        &gw.url(),
-        DOC,
-        &[("If-Match", &quoted(&old))],
-        Some("stale"),
-    )
-    .await;
+    let r = put_if_match(&c, &gw, DOC, &old, "stale").await;
     assert_eq!(r.status(), 412, "stale If-Match with conflict_status = 412");
     assert_eq!(etag_of(&r).as_deref(), Some(current.as_str()));
     let body = json_body(r, "412").await;
@@ -948,24 +955,7 @@ async fn write_to_a_grandchild_changes_the_collection_etag() {
 #[tokio::test]
 async fn a_refused_write_with_a_small_body_keeps_the_connection() {
     let (backend, gw, c) = start(&[], None);
-    put_unconditionally(&c, &gw, DOC, "v1").await;
-    let (old, _) = read(&c, &gw, DOC).await;
-    let r = send(
-        &c,
-        Method::PUT,
-        &gw.url(),
-        DOC,
-        &[("If-Match", &quoted(&old))],
-        Some("v2"),
-    )
-    .await;
-    assert!(
-        r.status().is_success(),
-        "PUT with the current etag: {}",
-        r.status()
-    );
-    let current = etag_of(&r).expect("new etag");
-    let before = backend_state(&backend, DOC).await;
+    let (old, current, before) = an_etag_made_stale(&c, &gw, &backend).await;
     let stale = quoted(&old);
 
     // Two stale writes with a small body on one connection: the gateway reads and drops each body,

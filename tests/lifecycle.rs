@@ -48,6 +48,17 @@ async fn sigterm_finishes_in_flight_requests_and_exits_within_the_grace_period()
     assert_eq!(log.len(), 1);
 }
 
+/// SIGTERM, and the gateway must be gone within 10 s.
+async fn stop_cleanly(mut gateway: Gateway) -> Gateway {
+    tokio::task::spawn_blocking(move || {
+        let took = gateway.terminate(Duration::from_secs(10));
+        assert!(took.is_some(), "clean stop:\n{}", gateway.stderr());
+        gateway
+    })
+    .await
+    .unwrap()
+}
+
 fn snapshot_config(dir: &std::path::Path) -> String {
     format!(
         "[server]\ngrace_period_seconds = 1\n[store]\nsnapshot = \"{}\"\n",
@@ -63,7 +74,7 @@ async fn etags_survive_a_clean_restart_but_not_a_crash() {
     let http = client();
 
     // clean stop: the table is saved and loaded by the next process
-    let mut first = Gateway::start(&backend.url(), Some(&config));
+    let first = Gateway::start(&backend.url(), Some(&config));
     let created = http
         .put(format!("{}/docs/a", first.url()))
         .body("v1")
@@ -71,13 +82,7 @@ async fn etags_survive_a_clean_restart_but_not_a_crash() {
         .await
         .unwrap();
     let e1 = etag_of(&created).expect("an etag");
-    let first = tokio::task::spawn_blocking(move || {
-        let took = first.terminate(Duration::from_secs(10));
-        assert!(took.is_some(), "clean stop:\n{}", first.stderr());
-        first
-    })
-    .await
-    .unwrap();
+    let first = stop_cleanly(first).await;
     assert!(
         dir.join("etags").exists(),
         "snapshot written:\n{}",
@@ -171,7 +176,7 @@ async fn a_hold_survives_a_clean_restart() {
         dir.join("etags").display()
     );
     let http = client();
-    let mut first = Gateway::start(&backend.url(), Some(&config));
+    let first = Gateway::start(&backend.url(), Some(&config));
     let url = format!("{}/docs/late", first.url());
     let put = |url: String, body: &'static str, if_match: Option<String>| {
         let http = http.clone();
@@ -191,13 +196,7 @@ async fn a_hold_survives_a_clean_restart() {
     );
     // v1 times out too; it lands at the backend 3 s from now. Stop the gateway meanwhile.
     assert_eq!(put(url.clone(), "v1", None).await, 504);
-    let first = tokio::task::spawn_blocking(move || {
-        let took = first.terminate(Duration::from_secs(10));
-        assert!(took.is_some(), "clean stop:\n{}", first.stderr());
-        first
-    })
-    .await
-    .unwrap();
+    let first = stop_cleanly(first).await;
     assert!(
         first.stderr().contains("held=1"),
         "the hold is saved:\n{}",
