@@ -11,7 +11,7 @@
 //! soon as the last one is done instead of sleeping out Pingora's whole grace period, and so that
 //! connections accepted just before a stop get their first request served rather than dropped.
 
-use pingora::server::ShutdownWatch;
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::BackgroundService;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -270,6 +270,60 @@ where
                 std::process::exit(0);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// The signals that stop or upgrade the gateway: Pingora's (SIGTERM graceful stop, SIGINT fast stop,
+/// SIGQUIT hand-over to a successor), except that a SIGQUIT only hands over when a successor is there
+/// to take the sockets. Pingora would stop the process after failing to send them, so a stray
+/// `kill -QUIT`, or a new binary that failed to start, would take the service down. The successor's
+/// socket file exists exactly while it waits for the sockets (it removes it afterwards); it may be
+/// started just after the signal (systemd's reload sends the signal first), so its socket is awaited
+/// for up to 5 s, as long as Pingora itself would try to reach it.
+pub struct Signals {
+    pub upgrade_sock: PathBuf,
+}
+
+const SUCCESSOR_WAIT: Duration = Duration::from_secs(5);
+
+#[async_trait::async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        loop {
+            tokio::select! {
+                _ = quit.recv() => {
+                    if self.successor_waits().await {
+                        return ShutdownSignal::GracefulUpgrade;
+                    }
+                    tracing::warn!(
+                        upgrade_sock = %self.upgrade_sock.display(),
+                        "SIGQUIT, but no successor waits on the upgrade socket (start `etag-gateway \
+                         --upgrade` with the same configuration): ignored, still serving"
+                    );
+                }
+                _ = term.recv() => return ShutdownSignal::GracefulTerminate,
+                _ = interrupt.recv() => return ShutdownSignal::FastShutdown,
+            }
+        }
+    }
+}
+
+impl Signals {
+    async fn successor_waits(&self) -> bool {
+        let started = Instant::now();
+        loop {
+            if self.upgrade_sock.exists() {
+                return true;
+            }
+            if started.elapsed() >= SUCCESSOR_WAIT {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

@@ -4,7 +4,7 @@ use clap::Parser;
 use etag_gateway::admin::AdminApp;
 use etag_gateway::config::{Cli, Config, StoreKind};
 use etag_gateway::header_deadline::HeaderDeadline;
-use etag_gateway::lifecycle::{Connections, ExitWhenDrained, TableLock};
+use etag_gateway::lifecycle::{Connections, ExitWhenDrained, Signals, TableLock};
 use etag_gateway::proxy::{Gateway, GatewaySettings};
 use etag_gateway::store::memory::ReleaseHolds;
 use etag_gateway::store::{EtagStore, MemoryStore, RedisStore};
@@ -223,7 +223,11 @@ fn run(config: Config, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
         },
     ));
     // Returns once every service has stopped: nothing can change the table any more.
-    server.run(RunArgs::default());
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals {
+            upgrade_sock: config.server.upgrade_sock.clone(),
+        }),
+    });
     stop.finish();
     Ok(())
 }

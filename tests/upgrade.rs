@@ -432,3 +432,37 @@ async fn daemon_mode_upgrade_the_way_the_systemd_unit_reloads() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Pingora stops a process that got SIGQUIT and found nobody to hand its sockets to; the gateway
+/// ignores such a SIGQUIT (after waiting 5 s for a successor to appear) and goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigquit_without_a_successor_is_ignored() {
+    let backend = DemoBackend::start(&[]);
+    let mut gateway = Gateway::start(&backend.url(), None);
+    let url = format!("{}/docs/q", gateway.url());
+    let http = common::client();
+    let created = http.put(&url).body("v1").send().await.unwrap();
+    let etag = quoted_etag(&created).expect("an etag");
+    gateway.signal("QUIT");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(
+        gateway.wait_exit(Duration::ZERO).is_none(),
+        "the gateway stopped:\n{}",
+        gateway.stderr()
+    );
+    assert!(
+        gateway
+            .stderr()
+            .contains("no successor waits on the upgrade socket"),
+        "{}",
+        gateway.stderr()
+    );
+    let next = http
+        .put(&url)
+        .header("If-Match", &etag)
+        .body("v2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(next.status(), 200, "still serving, same table");
+}
