@@ -184,8 +184,11 @@ pub struct UpstreamConfig {
     /// PEM file of the CAs trusted for https:// upstreams instead of the system's
     /// (`upstream.ca_file`; routes inherit it). Checked to hold at least one certificate.
     pub ca_file: Option<PathBuf>,
-    /// How often each route's upstreams get a TCP health check; `None`: never (all are used).
+    /// How often each route's upstreams get a health check; `None`: never (all are used).
     pub health_check_interval: Option<Duration>,
+    /// `upstream.health_check_path`: the check is `GET <path>` answered 2xx or 3xx (with the
+    /// server's host as `Host`, over TLS for https://) instead of a TCP connect. Every route's.
+    pub health_check_path: Option<String>,
     /// How often upstream host names are resolved again (a backend container restarted on another
     /// address); `None`: only at start. IP addresses are never looked up.
     pub resolve_interval: Option<Duration>,
@@ -698,6 +701,7 @@ struct FileUpstream {
     ca_file: Option<PathBuf>,
     #[serde(deserialize_with = "integer")]
     health_check_interval_ms: i64,
+    health_check_path: Option<String>,
     #[serde(deserialize_with = "integer")]
     resolve_interval_ms: i64,
 }
@@ -747,6 +751,7 @@ impl Default for FileUpstream {
             timeout_hold_ms: None,
             ca_file: None,
             health_check_interval_ms: DEFAULT_HEALTH_CHECK_INTERVAL_MS as i64,
+            health_check_path: None,
             resolve_interval_ms: DEFAULT_RESOLVE_INTERVAL_MS as i64,
         }
     }
@@ -1014,6 +1019,28 @@ impl FileConfig {
             MAX_TIMEOUT_MS as i64,
             key("upstream.health_check_interval_ms"),
         )?;
+        let health_check_path = match self.upstream.health_check_path {
+            None => None,
+            Some(path) => {
+                let fits = path.starts_with('/')
+                    && path.len() <= 1024
+                    && path.bytes().all(|b| b.is_ascii_graphic())
+                    && http::uri::PathAndQuery::try_from(path.as_str()).is_ok();
+                if !fits {
+                    return Err(key("upstream.health_check_path").reject(
+                        quoted(&path),
+                        "an absolute path such as \"/health\", optionally with a query: visible ASCII, at most 1024 bytes",
+                    ));
+                }
+                if health_check_interval_ms == 0 {
+                    return Err(key("upstream.health_check_path").reject(
+                        quoted(&path),
+                        "health checks are off (upstream.health_check_interval_ms = 0)",
+                    ));
+                }
+                Some(path)
+            }
+        };
         let resolve_interval_ms = in_range(
             self.upstream.resolve_interval_ms,
             0,
@@ -1193,6 +1220,7 @@ impl FileConfig {
                 ca_file,
                 health_check_interval: (health_check_interval_ms > 0)
                     .then(|| Duration::from_millis(health_check_interval_ms as u64)),
+                health_check_path,
                 resolve_interval: (resolve_interval_ms > 0)
                     .then(|| Duration::from_millis(resolve_interval_ms as u64)),
             },
@@ -2319,6 +2347,46 @@ mod tests {
         ] {
             assert!(summary.contains(part), "{summary} lacks {part}");
         }
+    }
+}
+
+#[cfg(test)]
+mod health_check_path_tests {
+    use super::*;
+
+    const BASE: &str = "[upstream]\nurl = \"http://127.0.0.1:3000\"\n";
+
+    #[test]
+    fn an_http_check_path_is_taken_and_bad_ones_are_refused_by_name() {
+        let c = Config::from_toml(
+            &format!("{BASE}health_check_path = \"/health?deep=1\"\n"),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.upstream.health_check_path.as_deref(),
+            Some("/health?deep=1")
+        );
+        for (bad, why) in [
+            ("health", "absolute path"),
+            ("/he alth", "absolute path"),
+            ("http://x/health", "absolute path"),
+        ] {
+            let e = Config::from_toml(&format!("{BASE}health_check_path = \"{bad}\"\n"), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("upstream.health_check_path") && e.contains(why),
+                "{bad}: {e}"
+            );
+        }
+        let e = Config::from_toml(
+            &format!("{BASE}health_check_interval_ms = 0\nhealth_check_path = \"/health\"\n"),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("health checks are off"), "{e}");
     }
 }
 

@@ -15,7 +15,7 @@ use crate::resource_key::ResourceKey;
 use anyhow::Context;
 use pingora::connectors::http::Connector;
 use pingora::lb::discovery::ServiceDiscovery;
-use pingora::lb::health_check::TcpHealthCheck;
+use pingora::lb::health_check::{HealthCheck, TcpHealthCheck};
 use pingora::lb::{selection::RoundRobin, Backend, Backends, LoadBalancer};
 use pingora::prelude::*;
 use pingora::protocols::tls::CaType;
@@ -213,6 +213,7 @@ impl Resolver {
             for &addr in addrs {
                 let mut ext = http::Extensions::new();
                 ext.insert((self.peer)(addr, server));
+                ext.insert(HostHeader(host_header(server)));
                 backends.insert(Backend {
                     addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
                     weight: 1,
@@ -230,6 +231,7 @@ impl Route {
     fn build(
         config: &RouteConfig,
         health_check: Option<Duration>,
+        health_check_path: Option<&str>,
         resolve: Option<Duration>,
         lookup: Arc<Lookup>,
     ) -> anyhow::Result<(
@@ -279,11 +281,20 @@ impl Route {
         }
         servers.update_frequency = resolve;
         if let Some(every) = health_check {
-            // A plain TCP connect, also for https:// servers: the question is only whether the
-            // server accepts connections (certificate problems show up as 502 on requests).
-            let mut check = TcpHealthCheck::new();
-            check.peer_template.options.connection_timeout = Some(config.connect_timeout);
-            servers.set_health_check(check);
+            match health_check_path {
+                Some(path) => servers.set_health_check(Box::new(HttpCheck {
+                    path: path.to_owned(),
+                    connector: Connector::new(None),
+                })),
+                None => {
+                    // A plain TCP connect, also for https:// servers: the question is only whether
+                    // the server accepts connections (certificate problems show up as 502 on
+                    // requests).
+                    let mut check = TcpHealthCheck::new();
+                    check.peer_template.options.connection_timeout = Some(config.connect_timeout);
+                    servers.set_health_check(check);
+                }
+            }
             servers.health_check_frequency = Some(every);
         }
         let (servers, service) = if health_check.is_some() || resolve.is_some() {
@@ -324,6 +335,88 @@ impl Route {
             )
         })
     }
+}
+
+/// The `Host` a request of the gateway's own (a health check) sends to a server: as in its URL.
+#[derive(Clone)]
+struct HostHeader(String);
+
+fn host_header(server: &Upstream) -> String {
+    let default_port = if server.tls { 443 } else { 80 };
+    let host = if server.host.contains(':') {
+        format!("[{}]", server.host)
+    } else {
+        server.host.clone()
+    };
+    if server.port == default_port {
+        host
+    } else {
+        format!("{host}:{}", server.port)
+    }
+}
+
+/// The HTTP health check (`upstream.health_check_path`): `GET path` on each server, with its own
+/// peer (TLS, SNI, CAs, the route's timeouts); a 2xx or 3xx answer is healthy. The connection is
+/// not reused (the body is not read), so each check also proves that new connections work.
+struct HttpCheck {
+    path: String,
+    connector: Connector,
+}
+
+#[async_trait::async_trait]
+impl HealthCheck for HttpCheck {
+    async fn check(&self, target: &Backend) -> Result<()> {
+        let (Some(peer), Some(HostHeader(host))) =
+            (target.ext.get::<HttpPeer>(), target.ext.get::<HostHeader>())
+        else {
+            return Error::e_explain(ErrorType::InternalError, "a backend without its peer");
+        };
+        let (status, session) = request_status(
+            &self.connector,
+            peer,
+            "GET",
+            &self.path,
+            Some(host.as_bytes()),
+        )
+        .await?;
+        drop(session);
+        if (200..400).contains(&status) {
+            Ok(())
+        } else {
+            Error::e_explain(
+                ErrorType::HTTPStatus(status),
+                format!("health check: GET {} answered {status}", self.path),
+            )
+        }
+    }
+
+    fn health_threshold(&self, _success: bool) -> usize {
+        1
+    }
+}
+
+/// Sends `METHOD path` (no body) on a connection to `peer` and reads the answer's head: its status,
+/// and the session (whose body, if any, is unread).
+async fn request_status(
+    connector: &Connector,
+    peer: &HttpPeer,
+    method: &str,
+    path_and_query: &str,
+    host: Option<&[u8]>,
+) -> Result<(u16, pingora::protocols::http::client::HttpSession)> {
+    let (mut session, _reused) = connector.get_http_session(peer).await?;
+    let mut req = RequestHeader::build(method, path_and_query.as_bytes(), None)?;
+    if let Some(host) = host {
+        req.insert_header("Host", host)?;
+    }
+    session.write_request_header(Box::new(req)).await?;
+    session.finish_request_body().await?;
+    session.read_response_header().await?;
+    let status = session
+        .response_header()
+        .map(|h| h.status.as_u16())
+        .unwrap_or(0);
+    Ok((status, session))
 }
 
 /// The resolver's discovery, answering the first call with the addresses found at start (so that
@@ -405,7 +498,13 @@ impl Upstreams {
         let mut routes = Vec::with_capacity(config.routes.len() + 1);
         let mut checks = Vec::new();
         for route in std::iter::once(&default).chain(&config.routes) {
-            let (route, check) = Route::build(route, every, resolve, lookup.clone())?;
+            let (route, check) = Route::build(
+                route,
+                every,
+                config.upstream.health_check_path.as_deref(),
+                resolve,
+                lookup.clone(),
+            )?;
             routes.push(route);
             checks.extend(check);
         }
@@ -494,18 +593,8 @@ impl Upstreams {
         host: Option<&[u8]>,
     ) -> Result<u16> {
         let peer = self.peer(id)?;
-        let (mut session, _reused) = self.connector.get_http_session(&peer).await?;
-        let mut req = RequestHeader::build("HEAD", path_and_query.as_bytes(), None)?;
-        if let Some(host) = host {
-            req.insert_header("Host", host)?;
-        }
-        session.write_request_header(Box::new(req)).await?;
-        session.finish_request_body().await?;
-        session.read_response_header().await?;
-        let status = session
-            .response_header()
-            .map(|h| h.status.as_u16())
-            .unwrap_or(0);
+        let (status, session) =
+            request_status(&self.connector, &peer, "HEAD", path_and_query, host).await?;
         // HEAD has no body: the connection can go back to the pool.
         self.connector
             .release_http_session(session, &peer, Some(UPSTREAM_IDLE_TIMEOUT))
@@ -716,6 +805,7 @@ mod resolve_tests {
         let (route, service) = Route::build(
             &route("backend.test"),
             None,
+            None,
             Some(Duration::from_secs(5)),
             dns.lookup(),
         )
@@ -744,6 +834,7 @@ mod resolve_tests {
         let (_, service) = Route::build(
             &route("127.0.0.1"),
             None,
+            None,
             Some(Duration::from_secs(5)),
             dns.lookup(),
         )
@@ -752,7 +843,7 @@ mod resolve_tests {
         assert_eq!(*dns.calls.lock().unwrap(), 1, "looked up once, at start");
 
         dns.set(Err(std::io::Error::other("NXDOMAIN")));
-        let e = Route::build(&route("missing.test"), None, None, dns.lookup())
+        let e = Route::build(&route("missing.test"), None, None, None, dns.lookup())
             .err()
             .expect("an error");
         assert!(format!("{e:#}").contains("missing.test:3000"), "{e:#}");

@@ -260,3 +260,33 @@ async fn a_dead_server_in_a_route_is_skipped_once_the_health_check_noticed() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_server_that_accepts_connections_but_fails_its_http_check_is_skipped() {
+    let a = DemoBackend::start(&[]);
+    let b = DemoBackend::start(&[]);
+    // Only A can answer the check's path (B answers 404 there, though it accepts connections).
+    let c = client();
+    let r = send(&c, Method::PUT, &a.url(), "/health/ok", &[], Some("ok")).await;
+    assert!(r.status().is_success());
+    let config = format!(
+        "[upstream]\nhealth_check_interval_ms = 300\nhealth_check_path = \"/health/ok\"\n\
+         [[route]]\nprefix = \"/a\"\nupstream = [\"{b}\", \"{a}\"]\n",
+        a = a.url(),
+        b = b.url()
+    );
+    let fallback = DemoBackend::start(&[]);
+    let gw = Gateway::start(&fallback.url(), Some(&config));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for i in 0..10 {
+        let path = format!("/a/doc{i}");
+        let r = send(&c, Method::PUT, &gw.url(), &path, &[], Some("x")).await;
+        assert!(r.status().is_success(), "PUT {path}: {}", r.status());
+        assert_eq!(
+            applied(&a, &b, &path).await,
+            (1, 0),
+            "{path} applied once, on A (B failed its check):\n{}",
+            gw.stderr()
+        );
+    }
+}
