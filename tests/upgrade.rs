@@ -107,10 +107,38 @@ async fn reader(url: String, doc: String, stop: Arc<AtomicBool>) -> Tally {
     t
 }
 
+/// Starts the successor of `old` with `config`, sends `old` SIGQUIT, and waits for it to exit (0,
+/// within 30 s): (successor, old).
+async fn upgrade(old: Gateway, backend_url: &str, config: &str) -> (Gateway, Gateway) {
+    let new = old.start_successor(backend_url, Some(config));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    old.signal("QUIT");
+    let (status, old) = tokio::task::spawn_blocking(move || {
+        let mut old = old;
+        (old.wait_exit(Duration::from_secs(30)), old)
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the old process, 30 s after SIGQUIT: {status:?}\n{}",
+        old.stderr()
+    );
+    (new, old)
+}
+
+/// `[store] snapshot` in `dir`, a 5 s grace period.
+fn memory_config(dir: &std::path::Path) -> String {
+    format!(
+        "[server]\ngrace_period_seconds = 5\n[store]\nsnapshot = \"{}\"\n",
+        dir.join("etags").display()
+    )
+}
+
 /// Runs the load against `old`, upgrades it to a successor with the same configuration, runs the
 /// load on, and checks the outcome. Returns the successor.
 async fn upgrade_under_load(backend: &DemoBackend, config: &str) -> Gateway {
-    let mut old = Gateway::start(&backend.url(), Some(config));
+    let old = Gateway::start(&backend.url(), Some(config));
     let url = old.url();
     let stop = Arc::new(AtomicBool::new(false));
     let docs: Vec<String> = (0..WRITERS).map(|i| format!("/docs/up-{i}")).collect();
@@ -125,28 +153,9 @@ async fn upgrade_under_load(backend: &DemoBackend, config: &str) -> Gateway {
     tokio::time::sleep(Duration::from_millis(700)).await;
 
     // The successor first (it waits for the sockets), then SIGQUIT to the old process.
-    let mut new = old.start_successor(&backend.url(), Some(config));
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let quit = Instant::now();
-    old.signal("QUIT");
-    let (status, old) = tokio::task::spawn_blocking(move || {
-        let status = old.wait_exit(Duration::from_secs(30));
-        (status, old)
-    })
-    .await
-    .unwrap();
+    let (mut new, old) = upgrade(old, &backend.url(), config).await;
     let old_gone = Instant::now();
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "the old process still runs 30 s after SIGQUIT:\n{}",
-            old.stderr()
-        )
-    });
-    assert!(
-        status.success(),
-        "the old process exited with {status}:\n{}",
-        old.stderr()
-    );
     println!(
         "old process exited {:?} after SIGQUIT (Pingora hands over for 5 s, then it drains)",
         old_gone - quit
@@ -204,10 +213,7 @@ async fn upgrade_under_load(backend: &DemoBackend, config: &str) -> Gateway {
 async fn upgrade_under_load_hands_the_memory_table_over() {
     let backend = DemoBackend::start(&[]);
     let dir = unique_temp_dir("upgrade-memory");
-    let config = format!(
-        "[server]\ngrace_period_seconds = 5\n[store]\nsnapshot = \"{}\"\n",
-        dir.join("etags").display()
-    );
+    let config = memory_config(&dir);
     let new = upgrade_under_load(&backend, &config).await;
     let log = new.stderr();
     assert!(
@@ -476,10 +482,7 @@ async fn no_update_is_lost_across_an_upgrade() {
     use common::torture::{check_invariants, run_workload_at, Deadline, Workload};
     let backend = DemoBackend::start(&[]);
     let dir = unique_temp_dir("upgrade-torture");
-    let config = format!(
-        "[server]\ngrace_period_seconds = 5\n[store]\nsnapshot = \"{}\"\n",
-        dir.join("etags").display()
-    );
+    let config = memory_config(&dir);
     let old = Gateway::start(&backend.url(), Some(&config));
     let deadline = Deadline::new(Instant::now() + Duration::from_secs(60));
     let mut workload = Workload::single(&old.url());
@@ -489,21 +492,8 @@ async fn no_update_is_lost_across_an_upgrade() {
         async move { run_workload_at(&backend_url, &workload).await }
     });
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let new = old.start_successor(&backend.url(), Some(&config));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    old.signal("QUIT");
-    let (status, old) = tokio::task::spawn_blocking(move || {
-        let mut old = old;
-        (old.wait_exit(Duration::from_secs(30)), old)
-    })
-    .await
-    .unwrap();
+    let (new, _old) = upgrade(old, &backend.url(), &config).await;
     let switched = std::time::SystemTime::now();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "the old process: {status:?}\n{}",
-        old.stderr()
-    );
     deadline.set(Instant::now() + Duration::from_millis(2000));
     let run = run.await.unwrap();
     let applied = check_invariants(&backend, &run).await;
