@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use common::torture::{
     check_chain, check_invariants, counts, next_counter, run_workload, Deadline, Route, Workload,
-    DOC, READERS, WRITERS,
+    DOC, FAULTS, READERS, WRITERS,
 };
 use common::{backend_get, client, etag_of, DemoBackend, Gateway};
 use futures::StreamExt;
@@ -458,22 +458,7 @@ fn metric(text: &str, name_and_labels: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn soak_under_faults_eviction_and_outages() {
     let load = soak_duration();
-    let backend = DemoBackend::start(&[
-        "--fail-after-apply-rate",
-        "0.03",
-        "--drop-after-apply-rate",
-        "0.03",
-        "--slow-rate",
-        "0.03",
-        "--slow-ms",
-        "800",
-        "--truncate-rate",
-        "0.02",
-        "--late-apply-rate",
-        "0.03",
-        "--late-apply-ms",
-        "500",
-    ]);
+    let backend = DemoBackend::start(FAULTS);
     create_documents(&backend).await;
     let admin = format!("127.0.0.1:{}", free_port());
     let gateway = Gateway::start(

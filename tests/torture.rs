@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::torture::{check_invariants, counts, run_workload, Workload, READERS, WRITERS};
+use common::torture::{check_invariants, counts, run_workload, Workload, FAULTS, READERS, WRITERS};
 use common::{DemoBackend, Gateway};
 
 /// The torture tests compete for two cores with their own gateway and backend: one at a time.
@@ -61,23 +61,7 @@ async fn lost_update_torture() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn torture_under_faults() {
     let _serial = SERIAL.lock().await;
-    let backend = DemoBackend::start(&[
-        "--fail-after-apply-rate",
-        "0.03",
-        "--drop-after-apply-rate",
-        "0.03",
-        "--slow-rate",
-        "0.03",
-        "--slow-ms",
-        "800",
-        "--truncate-rate",
-        "0.02",
-        // applied only after the gateway timed out: the timeout hold keeps the resource locked
-        "--late-apply-rate",
-        "0.03",
-        "--late-apply-ms",
-        "500",
-    ]);
+    let backend = DemoBackend::start(FAULTS);
     let gateway = Gateway::start(
         &backend.url(),
         Some("[upstream]\nread_timeout_ms = 300\ntimeout_hold_ms = 1000\n"),

@@ -20,6 +20,26 @@ pub const WRITERS: usize = 16;
 pub const READERS: usize = 4;
 pub const LOAD: Duration = Duration::from_secs(5);
 
+/// The demo backend's faults for the fault tortures: 5xx after applying, connection dropped after
+/// applying, answers slower than the gateway's read timeout, truncated answers, and writes applied
+/// only after the gateway timed out (the timeout hold keeps the resource locked meanwhile).
+pub const FAULTS: &[&str] = &[
+    "--fail-after-apply-rate",
+    "0.03",
+    "--drop-after-apply-rate",
+    "0.03",
+    "--slow-rate",
+    "0.03",
+    "--slow-ms",
+    "800",
+    "--truncate-rate",
+    "0.02",
+    "--late-apply-rate",
+    "0.03",
+    "--late-apply-ms",
+    "500",
+];
+
 /// Which gateway(s) one client talks to (base URLs, `http://127.0.0.1:PORT`).
 #[derive(Clone, Debug)]
 pub struct Route {
