@@ -68,12 +68,19 @@ impl std::fmt::Display for Holder {
 }
 
 impl TableLock {
-    /// The lock file of a memory table: next to its snapshot when there is one (the snapshot is
-    /// what the holder owns), otherwise next to the upgrade socket (what old and new process share).
-    pub fn path_for(snapshot: Option<&Path>, upgrade_sock: &Path) -> PathBuf {
-        let mut path = snapshot.unwrap_or(upgrade_sock).as_os_str().to_owned();
-        path.push(".lock");
-        PathBuf::from(path)
+    /// The lock files of a memory table, to be taken in this order: next to the upgrade socket
+    /// (what an old and a new process always share, whatever else their configurations change),
+    /// and next to the snapshot when there is one (what the holder owns: two gateways on different
+    /// addresses must not share it either).
+    pub fn paths_for(snapshot: Option<&Path>, upgrade_sock: &Path) -> Vec<PathBuf> {
+        let lock = |p: &Path| {
+            let mut path = p.as_os_str().to_owned();
+            path.push(".lock");
+            PathBuf::from(path)
+        };
+        std::iter::once(lock(upgrade_sock))
+            .chain(snapshot.map(lock))
+            .collect()
     }
 
     /// Takes the lock at once, or fails if another process holds it.
@@ -342,15 +349,18 @@ mod tests {
     }
 
     #[test]
-    fn the_lock_file_sits_next_to_the_snapshot_or_else_the_upgrade_socket() {
+    fn the_locks_sit_next_to_the_upgrade_socket_and_the_snapshot() {
         let sock = Path::new("/tmp/g.sock");
         assert_eq!(
-            TableLock::path_for(Some(Path::new("/var/lib/g/etags")), sock),
-            Path::new("/var/lib/g/etags.lock")
+            TableLock::paths_for(Some(Path::new("/var/lib/g/etags")), sock),
+            [
+                PathBuf::from("/tmp/g.sock.lock"),
+                PathBuf::from("/var/lib/g/etags.lock")
+            ]
         );
         assert_eq!(
-            TableLock::path_for(None, sock),
-            Path::new("/tmp/g.sock.lock")
+            TableLock::paths_for(None, sock),
+            [PathBuf::from("/tmp/g.sock.lock")]
         );
     }
 

@@ -104,18 +104,24 @@ fn run(config: Config, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
                 probe_writable(path)?;
             }
             // One process at a time serves from a memory table (see lifecycle.rs).
-            let lock_path = TableLock::path_for(snapshot, &config.server.upgrade_sock);
-            let lock = if upgrade {
+            let lock_paths = TableLock::paths_for(snapshot, &config.server.upgrade_sock);
+            let locks = if upgrade {
                 take_over_listeners(&mut server, upgrade);
                 // The old process goes on serving for 5 s (Pingora's hand-over time), then finishes
                 // its requests within its grace period and saves its table; connections meanwhile
                 // wait in the listen queue.
                 let limit = Duration::from_secs(5 + config.server.grace_period_seconds + 30);
-                TableLock::wait_for(&lock_path, limit)?
+                lock_paths
+                    .iter()
+                    .map(|path| TableLock::wait_for(path, limit))
+                    .collect::<Result<Vec<_>, _>>()?
             } else {
-                let lock = TableLock::acquire(&lock_path)?;
+                let locks = lock_paths
+                    .iter()
+                    .map(|path| TableLock::acquire(path))
+                    .collect::<Result<Vec<_>, _>>()?;
                 take_over_listeners(&mut server, upgrade);
-                lock
+                locks
             };
             let memory = Arc::new(MemoryStore::new(config.store.capacity));
             if let Some(path) = snapshot {
@@ -149,7 +155,7 @@ fn run(config: Config, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
                 memory: memory.clone(),
                 snapshot: config.store.snapshot.clone(),
                 hold,
-                _lock: lock,
+                _locks: locks,
             });
             memory
         }
@@ -259,7 +265,7 @@ struct StoppingTable {
     snapshot: Option<PathBuf>,
     /// How long a write without an outcome must stay locked after the stop.
     hold: Duration,
-    _lock: TableLock,
+    _locks: Vec<TableLock>,
 }
 
 impl Stop {

@@ -516,3 +516,34 @@ async fn no_update_is_lost_across_an_upgrade() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A successor whose configuration moves the snapshot still waits for the old process (the lock
+/// beside the upgrade socket, which both always share): never two tables serving at once. Its table
+/// starts empty (the old one was saved elsewhere), so old etags are conflicts, never matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_with_another_snapshot_path_still_waits_for_the_old_process() {
+    let backend = DemoBackend::start(&[]);
+    let dir = unique_temp_dir("upgrade-moved-snapshot");
+    std::fs::create_dir_all(dir.join("a")).unwrap();
+    let old = Gateway::start(&backend.url(), Some(&memory_config(&dir.join("a"))));
+    let http = common::client();
+    let url = format!("{}/docs/m", old.url());
+    let created = http.put(&url).body("v1").send().await.unwrap();
+    let etag = quoted_etag(&created).expect("an etag");
+    std::fs::create_dir_all(dir.join("b")).unwrap();
+    let (new, _old) = upgrade(old, &backend.url(), &memory_config(&dir.join("b"))).await;
+    let log = new.stderr();
+    assert!(
+        log.contains("waiting for the previous process") && log.contains("has exited"),
+        "the successor did not wait for the old process:\n{log}"
+    );
+    let stale = http
+        .put(&url)
+        .header("If-Match", &etag)
+        .body("v2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 409, "an empty table vouches for nothing");
+    let _ = std::fs::remove_dir_all(dir);
+}
