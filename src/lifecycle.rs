@@ -247,18 +247,15 @@ impl Drop for AwaitingFirstHead {
 /// would otherwise sleep out the whole grace period however early the last request ended; past
 /// `limit`, its own shutdown goes on. (A service, not a thread started beforehand, so that it runs
 /// in the daemon after `--daemon` forks.)
-pub struct ExitWhenDrained<B, D, F> {
+pub struct ExitWhenDrained<D, F> {
     pub limit: Duration,
-    /// Called once when the stop begins.
-    pub begin: B,
     pub drained: D,
     pub finish: F,
 }
 
 #[async_trait::async_trait]
-impl<B, D, F> BackgroundService for ExitWhenDrained<B, D, F>
+impl<D, F> BackgroundService for ExitWhenDrained<D, F>
 where
-    B: Fn() + Send + Sync,
     D: Fn() -> bool + Send + Sync,
     F: Fn() + Send + Sync,
 {
@@ -268,7 +265,6 @@ where
                 return;
             }
         }
-        (self.begin)();
         let started = Instant::now();
         while started.elapsed() < self.limit {
             if (self.drained)() {
@@ -288,8 +284,13 @@ where
 /// socket file exists exactly while it waits for the sockets (it removes it afterwards); it may be
 /// started just after the signal (systemd's reload sends the signal first), so its socket is awaited
 /// for up to 5 s, as long as Pingora itself would try to reach it.
+///
+/// `on_stop` runs when a stop begins, before Pingora is told: with a grace period of 0 it shuts its
+/// runtimes down at once, and whatever must be in place before tasks are dropped (the memory
+/// store's stopping flag) must be set here, not in a task that may never run.
 pub struct Signals {
     pub upgrade_sock: PathBuf,
+    pub on_stop: Box<dyn Fn() + Send + Sync>,
 }
 
 const SUCCESSOR_WAIT: Duration = Duration::from_secs(5);
@@ -301,11 +302,15 @@ impl ShutdownSignalWatch for Signals {
         let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let stop = |signal| {
+            (self.on_stop)();
+            signal
+        };
         loop {
             tokio::select! {
                 _ = quit.recv() => {
                     if self.successor_waits().await {
-                        return ShutdownSignal::GracefulUpgrade;
+                        return stop(ShutdownSignal::GracefulUpgrade);
                     }
                     tracing::warn!(
                         upgrade_sock = %self.upgrade_sock.display(),
@@ -313,8 +318,8 @@ impl ShutdownSignalWatch for Signals {
                          --upgrade` with the same configuration): ignored, still serving"
                     );
                 }
-                _ = term.recv() => return ShutdownSignal::GracefulTerminate,
-                _ = interrupt.recv() => return ShutdownSignal::FastShutdown,
+                _ = term.recv() => return stop(ShutdownSignal::GracefulTerminate),
+                _ = interrupt.recv() => return stop(ShutdownSignal::FastShutdown),
             }
         }
     }

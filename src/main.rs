@@ -214,10 +214,6 @@ fn run(config: Config, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
         "exit when drained",
         ExitWhenDrained {
             limit: Duration::from_secs(config.server.grace_period_seconds),
-            begin: {
-                let stop = stop.clone();
-                move || stop.begin()
-            },
             drained: {
                 let stop = stop.clone();
                 move || connections.open_now() == 0 && stop.writes_held() == 0
@@ -228,10 +224,12 @@ fn run(config: Config, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
             },
         },
     ));
+    let stop_begin = stop.clone();
     // Returns once every service has stopped: nothing can change the table any more.
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
             upgrade_sock: config.server.upgrade_sock.clone(),
+            on_stop: Box::new(move || stop_begin.begin()),
         }),
     });
     stop.finish();
