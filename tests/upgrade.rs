@@ -532,9 +532,17 @@ async fn a_successor_with_another_snapshot_path_still_waits_for_the_old_process(
     let etag = quoted_etag(&created).expect("an etag");
     std::fs::create_dir_all(dir.join("b")).unwrap();
     let (new, _old) = upgrade(old, &backend.url(), &memory_config(&dir.join("b"))).await;
+    // It logged that it waited; that it then took over is logged a moment after the old one exits.
+    assert!(
+        wait_until(Duration::from_secs(10), || new
+            .stderr()
+            .contains("the previous process has exited")),
+        "the successor did not take over:\n{}",
+        new.stderr()
+    );
     let log = new.stderr();
     assert!(
-        log.contains("waiting for the previous process") && log.contains("has exited"),
+        log.contains("waiting for the previous process"),
         "the successor did not wait for the old process:\n{log}"
     );
     let stale = http
