@@ -38,6 +38,21 @@ struct Tally {
     failures: Vec<String>,
 }
 
+/// PUT `body` to `url` with `If-Match: <etag>` (as the server sent it).
+async fn put_if_match(
+    http: &reqwest::Client,
+    url: &str,
+    etag: &str,
+    body: &'static str,
+) -> reqwest::Response {
+    http.put(url)
+        .header("If-Match", etag)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 fn quoted_etag(r: &reqwest::Response) -> Option<String> {
     r.headers()
         .get("etag")
@@ -412,21 +427,9 @@ async fn daemon_mode_upgrade_the_way_the_systemd_unit_reloads() {
     assert!(alive(new_pid), "{}", log());
 
     // The etag issued by the old daemon is current in the new one.
-    let next = http
-        .put(&url)
-        .header("If-Match", &etag)
-        .body("v2")
-        .send()
-        .await
-        .unwrap();
+    let next = put_if_match(&http, &url, &etag, "v2").await;
     assert_eq!(next.status(), 200, "{}", log());
-    let stale = http
-        .put(&url)
-        .header("If-Match", &etag)
-        .body("v3")
-        .send()
-        .await
-        .unwrap();
+    let stale = put_if_match(&http, &url, &etag, "v3").await;
     assert_eq!(stale.status(), 409);
 
     // systemctl stop: SIGTERM.
@@ -463,13 +466,7 @@ async fn a_sigquit_without_a_successor_is_ignored() {
         "{}",
         gateway.stderr()
     );
-    let next = http
-        .put(&url)
-        .header("If-Match", &etag)
-        .body("v2")
-        .send()
-        .await
-        .unwrap();
+    let next = put_if_match(&http, &url, &etag, "v2").await;
     assert_eq!(next.status(), 200, "still serving, same table");
 }
 
@@ -545,13 +542,7 @@ async fn a_successor_with_another_snapshot_path_still_waits_for_the_old_process(
         log.contains("waiting for the previous process"),
         "the successor did not wait for the old process:\n{log}"
     );
-    let stale = http
-        .put(&url)
-        .header("If-Match", &etag)
-        .body("v2")
-        .send()
-        .await
-        .unwrap();
+    let stale = put_if_match(&http, &url, &etag, "v2").await;
     assert_eq!(stale.status(), 409, "an empty table vouches for nothing");
     let _ = std::fs::remove_dir_all(dir);
 }
