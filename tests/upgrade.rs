@@ -17,6 +17,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const WRITERS: usize = 6;
+
+/// One test at a time: they start processes that hand listening sockets around and pick free ports
+/// by binding and releasing them, so two of them at once could meet on a port (seen once: a request
+/// reached another test's gateway while it was handing its sockets over).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const READERS: usize = 2;
 
 /// A client that opens a new connection for every request.
@@ -226,6 +231,7 @@ async fn upgrade_under_load(backend: &DemoBackend, config: &str) -> Gateway {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upgrade_under_load_hands_the_memory_table_over() {
+    let _serial = SERIAL.lock().await;
     let backend = DemoBackend::start(&[]);
     let dir = unique_temp_dir("upgrade-memory");
     let config = memory_config(&dir);
@@ -240,6 +246,7 @@ async fn upgrade_under_load_hands_the_memory_table_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upgrade_under_load_with_redis() {
+    let _serial = SERIAL.lock().await;
     let redis = Redis::start();
     let backend = DemoBackend::start(&[]);
     let config = format!(
@@ -251,6 +258,7 @@ async fn upgrade_under_load_with_redis() {
 
 #[test]
 fn a_second_gateway_on_the_same_memory_table_is_refused() {
+    let _serial = SERIAL.blocking_lock();
     let backend = DemoBackend::start(&[]);
     let dir = unique_temp_dir("upgrade-refused");
     let config = format!("[store]\nsnapshot = \"{}\"\n", dir.join("etags").display());
@@ -339,6 +347,7 @@ fn read_pid(path: &std::path::Path) -> Option<u32> {
 /// runs; its pid replaces the old one in the pid file, and the etags live on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_mode_upgrade_the_way_the_systemd_unit_reloads() {
+    let _serial = SERIAL.lock().await;
     let backend = DemoBackend::start(&[]);
     let dir = unique_temp_dir("upgrade-daemon");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -446,6 +455,7 @@ async fn daemon_mode_upgrade_the_way_the_systemd_unit_reloads() {
 /// ignores such a SIGQUIT (after waiting 5 s for a successor to appear) and goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigquit_without_a_successor_is_ignored() {
+    let _serial = SERIAL.lock().await;
     let backend = DemoBackend::start(&[]);
     let mut gateway = Gateway::start(&backend.url(), None);
     let url = format!("{}/docs/q", gateway.url());
@@ -476,6 +486,7 @@ async fn a_sigquit_without_a_successor_is_ignored() {
 /// succeed through the successor with the etags the old process handed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_update_is_lost_across_an_upgrade() {
+    let _serial = SERIAL.lock().await;
     use common::torture::{check_invariants, run_workload_at, Deadline, Workload};
     let backend = DemoBackend::start(&[]);
     let dir = unique_temp_dir("upgrade-torture");
@@ -519,6 +530,7 @@ async fn no_update_is_lost_across_an_upgrade() {
 /// starts empty (the old one was saved elsewhere), so old etags are conflicts, never matches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_with_another_snapshot_path_still_waits_for_the_old_process() {
+    let _serial = SERIAL.lock().await;
     let backend = DemoBackend::start(&[]);
     let dir = unique_temp_dir("upgrade-moved-snapshot");
     std::fs::create_dir_all(dir.join("a")).unwrap();
