@@ -86,12 +86,16 @@ fn run(config: Config, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
     };
     let mut server = Server::new_with_opt_and_conf(opt, pingora_conf(&config, daemon));
     let mut stop = Stop::default();
+    // The longest a forwarded write can take, on any route: a Redis lease outlives it, and a write
+    // without an outcome at a stop stays held that long.
+    let longest_write = {
+        let (connect_timeout, read_timeout) = upstreams.longest_timeouts();
+        settings.longest_write(connect_timeout, read_timeout)
+    };
     let store: Arc<dyn EtagStore> = match (config.store.kind, &config.store.url) {
         (StoreKind::Redis, Some(url)) => {
-            // A reservation outlives the longest a forwarded write can take, on any route, with margin.
-            let (connect_timeout, read_timeout) = upstreams.longest_timeouts();
-            let lease =
-                settings.longest_write(connect_timeout, read_timeout) + Duration::from_secs(5);
+            // A reservation outlives the longest a forwarded write can take, with margin.
+            let lease = longest_write + Duration::from_secs(5);
             let store = Arc::new(RedisStore::new(url, config.store.idle_ttl, lease)?);
             // Redis is the authority: old and new process may serve side by side during an upgrade.
             take_over_listeners(&mut server, upgrade);
@@ -147,14 +151,11 @@ fn run(config: Config, upgrade: bool, daemon: bool) -> anyhow::Result<()> {
                     }
                 }
             }
-            // A write may still be applied this long after the stop: the longest a forwarded write
-            // can take, on any route.
-            let (connect_timeout, read_timeout) = upstreams.longest_timeouts();
-            let hold = settings.longest_write(connect_timeout, read_timeout);
             stop.memory = Some(StoppingTable {
                 memory: memory.clone(),
                 snapshot: config.store.snapshot.clone(),
-                hold,
+                // A write may still be applied this long after the stop.
+                hold: longest_write,
                 _locks: locks,
             });
             memory
