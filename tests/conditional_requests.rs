@@ -88,6 +88,17 @@ async fn an_etag_made_stale(
     (old, current, backend_state(backend, DOC).await)
 }
 
+/// The seed's 409 body for a stale PUT of `DOC`: the etag it carried, and the current one.
+fn assert_seed_conflict(body: &Value, carried: &str, current: &str) {
+    assert_eq!(body["url"], DOC);
+    assert_eq!(body["actualETag"], carried);
+    assert_eq!(body["expectedETag"], current);
+    assert_eq!(
+        body["error"],
+        "PUT attempted on document 'a' using a non current etag"
+    );
+}
+
 async fn backend_state(backend: &DemoBackend, path: &str) -> ((u16, String), usize) {
     (
         backend_get(&backend.url(), path).await,
@@ -456,13 +467,7 @@ async fn conflict_status_412_answers_412_with_the_seed_body() {
         ["actualETag", "error", "expectedETag", "url"],
         "the seed's fields: {body}"
     );
-    assert_eq!(body["url"], DOC);
-    assert_eq!(body["actualETag"], old.as_str());
-    assert_eq!(body["expectedETag"], current.as_str());
-    assert_eq!(
-        body["error"],
-        "PUT attempted on document 'a' using a non current etag"
-    );
+    assert_seed_conflict(&body, &old, &current);
     assert_eq!(
         backend_state(&backend, DOC).await,
         before,
@@ -982,13 +987,7 @@ async fn a_refused_write_with_a_small_body_keeps_the_connection() {
             "stale PUT {attempt}"
         );
         let body: Value = serde_json::from_slice(&r.body).expect("a JSON body");
-        assert_eq!(body["url"], DOC);
-        assert_eq!(body["actualETag"], old.as_str());
-        assert_eq!(body["expectedETag"], current.as_str());
-        assert_eq!(
-            body["error"],
-            "PUT attempted on document 'a' using a non current etag"
-        );
+        assert_seed_conflict(&body, &old, &current);
     }
     // The connection still carries ordinary requests.
     let r = conn.request("GET", DOC, &[], b"");
