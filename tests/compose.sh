@@ -289,8 +289,10 @@ echo "gateway stopped in $((SECONDS - s0)) s, exit code $code"
 [ "$code" = 0 ] || fail "the gateway exited with $code (137 = SIGKILLed at the end of stop_grace_period)"
 dc start gateway 2>&1
 health gateway
-docker logs "$id" 2>&1 | grep -E 'snapshot' || true
-docker logs "$id" 2>&1 | grep -qE 'restored from the snapshot.* entries=[1-9]' \
+# Read once: `docker logs | grep -q` fails under pipefail when grep exits early (SIGPIPE).
+logs=$(docker logs "$id" 2>&1)
+grep -E 'snapshot' <<<"$logs" || true
+grep -qE 'restored from the snapshot.* entries=[1-9]' <<<"$logs" \
   || fail "the gateway did not restore its table from a snapshot"
 # The etag handed out before the restart is still current (the snapshot in the gateway-state volume).
 req PUT "$doc" --header "If-Match:$current" -d "{ FirstName : 'Bob', LastName: 'Smith', Address: '7 Birch Ln.' }"
